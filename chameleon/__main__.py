@@ -1,0 +1,3 @@
+from chameleon.cli import main
+
+raise SystemExit(main())

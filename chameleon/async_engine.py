@@ -1,0 +1,236 @@
+"""The async front end: request intake, one output stream per request, one background loop.
+
+The loop owns the engine core. Between iterations it applies queued adds and aborts; the blocking
+`step()` runs in a worker thread so the event loop stays responsive. Runs under asyncio and trio
+(anyio). Nothing in the core knows this module exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from chameleon.clock import Clock
+from chameleon.config import EngineConfig
+from chameleon.engine_core import EngineCore
+from chameleon.errors import ChameleonError, EngineClosedError, EngineStepError, InvalidRequestError
+from chameleon.outputs import RequestMetrics, RequestOutput
+from chameleon.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """`async for out in engine.generate(...)`. Dropping or cancelling it aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, receive: MemoryObjectReceiveStream[RequestOutput]):
+        self.request_id = request_id
+        self._engine = engine
+        self._receive = receive
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._receive.receive()
+        except anyio.EndOfStream:
+            self._done = True
+            raise StopAsyncIteration from None
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self._abort()
+            raise
+        if out.finished:
+            self._done = True
+            self._receive.close()
+            if out.error is not None:
+                raise EngineStepError(f"request {self.request_id!r} failed: {out.error}")
+        return out
+
+    async def aclose(self) -> None:
+        self._abort()
+
+    def _abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._queue_abort(self.request_id)
+            self._receive.close()
+
+    def __del__(self) -> None:
+        # `break` out of `async for` drops the last reference right away in CPython.
+        self._abort()
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
+        self._adds: deque[tuple[str, list[int], SamplingParams, float]] = deque()
+        self._aborts: deque[str] = deque()  # appended from any thread (finalizers)
+        self._wake: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], config: EngineConfig | None = None, *, clock: Clock | None = None
+    ) -> AsyncEngine:
+        from chameleon.factory import build_core
+
+        return cls(build_core(path, config or EngineConfig(), clock=clock))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncEngine:
+        if self._closed:
+            raise EngineClosedError("this engine was closed; create a new one")
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._loop)
+        self._started = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._closed = True
+        self._poke()
+        assert self._task_group is not None
+        return await self._task_group.__aexit__(exc_type, exc, tb)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; iterate the result for its outputs. Errors in the request raise here."""
+        if not self._started or self._closed:
+            raise EngineClosedError("the engine is not running (use `async with engine:`)")
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        prompt_ids = self._tokenize(prompt)
+        self.core.check_request(request_id, prompt_ids)
+        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
+        self._streams[request_id] = send
+        self._adds.append((request_id, prompt_ids, sampling, self.core.clock.now()))
+        self._poke()
+        return RequestStream(self, request_id, receive)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id; its stream ends with finish_reason "abort"."""
+        self._queue_abort(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.core.stats().as_dict()
+        stats["waiting"] += len(self._adds)
+        return stats
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass the prompt as token ids")
+            return list(self.tokenizer(prompt).input_ids)
+        return list(prompt)
+
+    def _queue_abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while not self._closed:
+            self._apply_intake()
+            if not self.core.has_unfinished_requests():
+                self._wake = anyio.Event()
+                if not self._adds and not self._closed:
+                    with anyio.move_on_after(0.1):  # also re-checks aborts queued from other threads
+                        await self._wake.wait()
+                self._wake = None
+                continue
+            try:
+                outputs = await anyio.to_thread.run_sync(self.core.step)
+            except Exception as exc:  # a bug, not a bad batch (the core handles those): fail everyone
+                log.exception("engine step failed")
+                outputs = self._abort_all(error=f"{type(exc).__name__}: {exc}")
+            for out in outputs:
+                self._deliver(out)
+            await anyio.lowlevel.checkpoint()  # let consumers see their tokens before the next step
+        self._apply_intake()
+        for out in self._abort_all():
+            self._deliver(out)
+
+    def _apply_intake(self) -> None:
+        while self._adds:
+            request_id, prompt_ids, sampling, arrival = self._adds.popleft()
+            try:
+                self.core.add_request(request_id, prompt_ids, sampling, arrival_time=arrival)
+            except ChameleonError as exc:  # checked in generate(); only a race gets here
+                self._fail_unstarted(request_id, exc)
+        while self._aborts:
+            request_id = self._aborts.popleft()
+            out = self.core.abort(request_id)
+            if out is not None:
+                self._deliver(out)
+            else:
+                self._streams.pop(request_id, None)
+
+    def _fail_unstarted(self, request_id: str, exc: ChameleonError) -> None:
+        send = self._streams.pop(request_id, None)
+        if send is not None:
+            now = self.core.clock.now()
+            metrics = RequestMetrics(arrival_time=now, finish_time=now)
+            send.send_nowait(RequestOutput(request_id, "", (), "", True, "abort", metrics, error=str(exc)))
+            send.close()
+
+    def _abort_all(self, error: str | None = None) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self.core.requests):
+            out = self.core.abort(request_id)
+            if out is not None:
+                outputs.append(out if error is None else _with_error(out, error))
+        return outputs
+
+    def _deliver(self, out: RequestOutput) -> None:
+        send = self._streams.get(out.request_id)
+        if send is None:
+            return
+        try:
+            send.send_nowait(out)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if not out.finished:  # nobody is listening any more
+                self._aborts.append(out.request_id)
+        if out.finished:
+            send.close()
+            del self._streams[out.request_id]
+
+
+def _with_error(out: RequestOutput, error: str) -> RequestOutput:
+    return attrs.evolve(out, error=error)

@@ -1,0 +1,51 @@
+"""Engine configuration (one frozen attrs class, validated on construction)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from chameleon.errors import ConfigError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+LoRABackend = Literal["auto", "torch", "triton"]
+SchedulerName = Literal["fifo"]
+
+_MiB = 1 << 20
+
+
+def _positive(_inst: object, attribute: attrs.Attribute, value: int | None) -> None:  # type: ignore[type-arg]
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"EngineConfig.{attribute.name} must be a positive int, got {value!r}")
+
+
+def _one_of(*choices: str):  # type: ignore[no-untyped-def]
+    def check(_inst: object, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]
+        if value not in choices:
+            raise ConfigError(f"EngineConfig.{attribute.name} must be one of {choices}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class EngineConfig:
+    """How the engine runs. Defaults suit a laptop CPU; every field is checked here, not deep inside."""
+
+    device: Device = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
+    dtype: DType = attrs.field(default="auto", validator=_one_of("auto", "float32", "bfloat16", "float16"))
+    # None: the model's max_position_embeddings (capped by the KV cache size).
+    max_model_len: int | None = attrs.field(default=None, validator=_positive)
+    block_size: int = attrs.field(default=16, validator=_positive)
+    # Bytes of KV cache; None picks 512 MiB on CPU, 90% of free memory after weights on CUDA.
+    kv_cache_memory_bytes: int | None = attrs.field(default=None, validator=_positive)
+    num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)  # overrides the bytes above
+    max_num_seqs: int = attrs.field(default=128, validator=_positive)
+    max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
+    scheduler: SchedulerName = attrs.field(default="fifo", validator=_one_of("fifo"))
+    seed: int = 0  # seeds the sampling of requests that bring no seed of their own
+    num_threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
+
+    def default_kv_bytes_cpu(self) -> int:
+        return self.kv_cache_memory_bytes or 512 * _MiB

@@ -1,0 +1,251 @@
+"""The synchronous engine core: requests in, one iteration per `step()`, outputs out.
+
+No asyncio here and no reading of wall time: the clock is injected, so the same core runs under
+the async front end, the simulator and deterministic tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from chameleon.block_manager import KVBlockManager
+from chameleon.clock import Clock, MonotonicClock
+from chameleon.detokenizer import IncrementalDetokenizer
+from chameleon.errors import InvalidRequestError, PromptTooLongError
+from chameleon.executor.base import Executor
+from chameleon.outputs import FinishReason, RequestOutput
+from chameleon.policies import make_policy
+from chameleon.request import Request
+from chameleon.sampling_params import SamplingParams
+from chameleon.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class CoreLimits:
+    """What a request must satisfy to be accepted; derived from the model and the config."""
+
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_in_use: int
+    kv_blocks_total: int
+    num_preemptions: int
+    num_finished: int
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        executor: Executor,
+        limits: CoreLimits,
+        *,
+        scheduler: str = "fifo",
+        tokenizer: Any | None = None,
+        clock: Clock | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.executor = executor
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.clock = clock or MonotonicClock()
+        self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size)
+        self.scheduler = Scheduler(
+            make_policy(scheduler),
+            self.blocks,
+            max_num_seqs=limits.max_num_seqs,
+            max_num_batched_tokens=limits.max_num_batched_tokens,
+        )
+        self.requests: dict[str, Request] = {}
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self._num_preemptions = 0
+        self._num_finished = 0
+
+    # --- intake ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+    ) -> None:
+        sampling = sampling or SamplingParams()
+        prompt = self.check_request(request_id, prompt_token_ids)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            arrival_time=self.clock.now() if arrival_time is None else arrival_time,
+            generator=self._generator(sampling),
+        )
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                prompt,
+                stop=sampling.stop,
+                include_stop_str_in_output=sampling.include_stop_str_in_output,
+            )
+        self.requests[request_id] = request
+        self.scheduler.add(request, request.arrival_time)
+
+    def check_request(self, request_id: str, prompt_token_ids: Sequence[int]) -> list[int]:
+        """Raise the typed error a request deserves, or return its prompt as a list."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise InvalidRequestError(f"request {request_id!r}: the prompt is empty")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.limits.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"request {request_id!r}: token ids out of range [0, {self.limits.vocab_size}): {bad[:5]}"
+            )
+        if len(prompt) >= self.limits.max_model_len:
+            raise PromptTooLongError(
+                f"request {request_id!r}: prompt has {len(prompt)} tokens; max_model_len is "
+                f"{self.limits.max_model_len}, which leaves no room to generate"
+            )
+        return prompt
+
+    def _generator(self, sampling: SamplingParams) -> torch.Generator:
+        # Unseeded requests still get their own stream, derived from the engine seed, so a whole
+        # run is reproducible and no request's randomness depends on its batch neighbours.
+        seed = sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng).item())
+        return torch.Generator().manual_seed(seed)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free what it holds. Returns its final output, or None if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, "abort", delta="", new_ids=())
+
+    # --- the iteration ----------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule(self.clock.now())
+        self._num_preemptions += len(batch.preempted)
+        if not batch:
+            return []
+        try:
+            sampled = self.executor.execute(batch)
+        except Exception as exc:  # a bad batch must not take the engine down: fail just this batch
+            log.exception("iteration failed; aborting the %d requests in it", len(batch.scheduled))
+            message = f"{type(exc).__name__}: {exc}"
+            return [self._finish(s.request, "abort", "", (), error=message) for s in batch.scheduled]
+        return self._process(batch, sampled)
+
+    def _process(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
+        now = self.clock.now()
+        outputs = []
+        tokens = iter(sampled)
+        for item in batch.scheduled:
+            request = item.request
+            samples = item.samples
+            request.num_computed_tokens += item.num_new_tokens
+            if not samples:
+                continue
+            token = next(tokens)
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            outputs.append(self._emit(request, token))
+        return outputs
+
+    def _emit(self, request: Request, token: int) -> RequestOutput:
+        reason = self._stop_reason(request, token)
+        delta = ""
+        if request.detokenizer is not None:
+            update = request.detokenizer.add_tokens([token])
+            delta = update.delta
+            if update.stop_hit is not None:
+                return self._finish(request, "stop", delta, (token,), flush=False)
+        if reason is not None:
+            return self._finish(request, reason, delta, (token,))
+        return RequestOutput(
+            request_id=request.request_id,
+            delta=delta,
+            token_ids=(token,),
+            text=request.detokenizer.text if request.detokenizer else "",
+            finished=False,
+            finish_reason=None,
+            metrics=request.metrics(),
+        )
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        p = request.sampling
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.limits.eos_token_ids):
+            return "stop"
+        if len(request.output_token_ids) >= p.max_tokens or request.num_tokens >= self.limits.max_model_len:
+            return "length"
+        return None
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        delta: str,
+        new_ids: tuple[int, ...],
+        *,
+        flush: bool = True,
+        error: str | None = None,
+    ) -> RequestOutput:
+        now = self.clock.now()
+        self.scheduler.finish(request, now)
+        request.finish_reason = reason
+        request.finish_time = now
+        del self.requests[request.request_id]
+        self._num_finished += 1
+        if request.detokenizer is not None and flush:
+            delta += request.detokenizer.finish()
+        return RequestOutput(
+            request_id=request.request_id,
+            delta=delta,
+            token_ids=new_ids,
+            text=request.detokenizer.text if request.detokenizer else "",
+            finished=True,
+            finish_reason=reason,
+            metrics=request.metrics(),
+            error=error,
+        )
+
+    # --- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=self.scheduler.num_waiting,
+            kv_blocks_in_use=self.blocks.num_in_use,
+            kv_blocks_total=self.blocks.num_blocks,
+            num_preemptions=self._num_preemptions,
+            num_finished=self._num_finished,
+        )
+
+
+__all__ = ["CoreLimits", "EngineCore", "EngineStats"]

@@ -1,0 +1,1 @@
+"""Batched multi-LoRA: adapter pools and segment-grouped shrink/expand kernels."""

@@ -1,0 +1,1 @@
+"""Llama-family decoders in plain torch over a paged KV cache."""

@@ -1,0 +1,44 @@
+"""What the engine hands back to callers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@attrs.frozen
+class RequestMetrics:
+    """Times come from the engine's clock (seconds). `None` until the event has happened."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+
+@attrs.frozen
+class RequestOutput:
+    """One streamed update of a request: the new text and ids since the previous update."""
+
+    request_id: str
+    delta: str
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    metrics: RequestMetrics
+    error: str | None = None  # set when the request was aborted by a failed iteration

@@ -1,0 +1,70 @@
+"""The state of one request as it moves through the engine core."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+import torch
+
+from chameleon.detokenizer import IncrementalDetokenizer
+from chameleon.outputs import FinishReason, RequestMetrics
+from chameleon.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@attrs.define(eq=False)
+class Request:
+    """Mutable bookkeeping; only the engine core and its scheduler change it.
+
+    The model computes `all_token_ids[num_computed_tokens:]` a chunk at a time; after a preemption
+    `num_computed_tokens` drops to 0 and prompt plus output are recomputed, which gives the same
+    tokens because sampling state lives in `generator`, not in the KV cache.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    output_token_ids: list[int] = attrs.field(factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = attrs.field(factory=list)  # owned by KVBlockManager
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def metrics(self) -> RequestMetrics:
+        return RequestMetrics(
+            arrival_time=self.arrival_time,
+            first_scheduled_time=self.first_scheduled_time,
+            first_token_time=self.first_token_time,
+            finish_time=self.finish_time,
+            num_prompt_tokens=len(self.prompt_token_ids),
+            num_generated_tokens=len(self.output_token_ids),
+        )
