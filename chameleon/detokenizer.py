@@ -187,17 +187,17 @@ class _TokenWindow:
         """Stalled on U+FFFD for many tokens (invalid bytes or literal U+FFFD): release up to a settled
         token boundary so the window stays bounded. Runs once per `_MAX_PENDING` stalled tokens."""
         end = len(self._ids)
-        stable = len(full.rstrip(_REPLACEMENT))
         texts = {k: self._decode(self._prefix, k) for k in range(self._read + 1, end)}
         texts[end] = full
+        stable = len(full.rstrip(_REPLACEMENT))
         for k in range(end - 1, self._read, -1):
-            text = texts[k]
             # Only the last few tokens can hold an unfinished character, unless the text precedes the U+FFFD tail.
-            settled = k <= end - _MAX_UNFINISHED_TOKENS or len(text) <= stable
+            settled = k <= end - _MAX_UNFINISHED_TOKENS or len(texts[k]) <= stable
             # Every later decode must extend it: ByteFallback decoders turn a whole run of byte tokens into
             # U+FFFD while its last character is unfinished, so a U+FFFD-only text can still become real text.
-            if settled and len(text) > len(prefix_text) and all(texts[j].startswith(text) for j in range(k + 1, end + 1)):
-                return self._advance(prefix_text, text, k)
+            extended = all(texts[j].startswith(texts[k]) for j in range(k + 1, end + 1))
+            if settled and extended and len(texts[k]) > len(prefix_text):
+                return self._advance(prefix_text, texts[k], k)
         self._check_at = end + _MAX_PENDING
         return ""
 
@@ -227,7 +227,7 @@ class _TokenWindow:
 
     def _filter(self, token_ids: Iterable[int]) -> list[int]:
         # Skipped special tokens never enter the window: they have no text and would only widen it.
-        return [int(i) for i in token_ids if i not in self._skipped_ids]
+        return [i for i in map(int, token_ids) if i not in self._skipped_ids]  # int(): numpy / torch scalars
 
     def _decode(self, start: int, stop: int) -> str:
         return self._decode_ids(self._ids[start:stop])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from chameleon.errors import ModelLoadError, UnsupportedModelError
 from chameleon.model.llama import LlamaModel
@@ -28,8 +28,10 @@ def load_hf_config(path: str | os.PathLike[str]) -> Any:
     try:
         # Local files only and no remote code: a model directory never runs code of its own.
         return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except ValueError as exc:
+    except ValueError as exc:  # transformers' word for "unknown model_type"
         raise UnsupportedModelError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, OSError) as exc:  # malformed config.json
+        raise ModelLoadError(f"{path}: invalid config.json ({exc})") from exc
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -128,7 +130,7 @@ def load_model(
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     filler.put(name, f.get_tensor(name))
-        except (OSError, RuntimeError) as exc:  # safetensors reports corrupt files as either
+        except (OSError, SafetensorError) as exc:
             raise ModelLoadError(f"{file}: cannot read safetensors ({exc})") from exc
     missing = filler.expected() - filler.filled
     if missing:

@@ -1,0 +1,673 @@
+"""Load PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`) for Llama-family bases.
+
+Everything that can be checked without reading tensor data is checked first: the JSON config and the
+safetensors *header* (key names, shapes, dtypes). Only an adapter that fits the base model gets its
+tensors read. Pickle formats (`.bin`, `.pt`, ...) are refused, never unpickled.
+
+Target-module matching, `rank_pattern`/`alpha_pattern` lookup and `layers_to_transform` mirror PEFT
+0.21 (`peft.tuners.tuners_utils.check_target_module_exists`, `peft.utils.other.get_pattern_key`), so
+an adapter gets exactly the ranks and scales PEFT would give it. Scales are folded into `b_t`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import attrs
+import torch
+from safetensors import SafetensorError, safe_open
+
+from chameleon.errors import (
+    AdapterLoadError,
+    AdapterValidationError,
+    ModelLoadError,
+    UnsafeAdapterFormatError,
+    UnsupportedAdapterError,
+)
+
+TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT: Mapping[str, str] = types.MappingProxyType(
+    {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+)
+EMBEDDING_MODULES: tuple[str, ...] = ("embed_tokens", "lm_head")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = types.MappingProxyType(
+    {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+)
+_SERVING_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+# What PEFT's save_pretrained writes: "base_model.model." + module name + ".lora_A.weight" (adapter name stripped).
+_KEY_RE = re.compile(
+    r"base_model\.model\.(?P<name>model\.layers\.(?P<layer>0|[1-9][0-9]*)\.(?P<parent>[A-Za-z0-9_]+)"
+    r"\.(?P<module>[A-Za-z0-9_]+))\.lora_(?P<ab>[AB])\.weight"
+)
+_KEY_FORMAT = "base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight"
+# PEFT's default target_modules for llama / mistral / qwen2 when the config leaves them unset.
+_DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+# Non-projection modules of a Llama-family model (per layer / global), to catch configs targeting them.
+_LAYER_AUX = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
+_GLOBAL_AUX = ("model", "model.layers", "model.norm", "model.rotary_emb")
+_EMBEDDING_NAMES = ("model.embed_tokens", "lm_head")
+
+
+_T = TypeVar("_T")
+
+
+# --- base model -------------------------------------------------------------------------------
+
+
+def _freeze_shapes(shapes: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, int]]:
+    return types.MappingProxyType({str(k): (int(v[0]), int(v[1])) for k, v in shapes.items()})
+
+
+@attrs.frozen
+class BaseModelSpec:
+    """The parts of the base model an adapter must fit."""
+
+    num_layers: int
+    module_shapes: Mapping[str, tuple[int, int]] = attrs.field(converter=_freeze_shapes)  # (in, out)
+    dtype: torch.dtype
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_layers <= 0:
+            raise ValueError(f"num_layers must be positive, got {self.num_layers}")
+        if set(self.module_shapes) != set(TARGET_MODULES):
+            raise ValueError(f"module_shapes must have exactly {TARGET_MODULES}, got {tuple(self.module_shapes)}")
+        bad = {m: s for m, s in self.module_shapes.items() if min(s) <= 0}
+        if bad:
+            raise ValueError(f"module shapes must be positive, got {bad}")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"base dtype must be floating point, got {self.dtype}")
+
+    @classmethod
+    def from_hf_config(cls, config: Any, dtype: torch.dtype) -> BaseModelSpec:
+        """Shapes of a Llama / Mistral / Qwen2 transformers config (GQA; head_dim may be absent)."""
+        hidden = _config_int(config, "hidden_size")
+        inter = _config_int(config, "intermediate_size")
+        heads = _config_int(config, "num_attention_heads")
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads  # absent means MHA
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        q_out, kv_out = heads * head_dim, int(kv_heads) * head_dim
+        shapes = {
+            "q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+            "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
+        return cls(num_layers=_config_int(config, "num_hidden_layers"), module_shapes=shapes, dtype=dtype)
+
+
+def _config_int(config: Any, field: str) -> int:
+    value = getattr(config, field, None)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelLoadError(f"model config field {field!r} must be a positive int, got {value!r}")
+    return value
+
+
+def _module_name(layer: int, module: str) -> str:
+    return f"model.layers.{layer}.{_PARENT[module]}.{module}"
+
+
+# --- adapter config -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PeftLoraConfig:
+    """The serving-relevant fields of a PEFT `LoraConfig`, validated. Matching mirrors PEFT 0.21."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: str | tuple[str, ...]  # regex (re.fullmatch on the full module name) or names
+    exclude_modules: str | tuple[str, ...] | None = None
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    # Ordered: PEFT takes the first matching key, in the JSON file's order (save_pretrained sorts keys).
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    base_model_name_or_path: str | None = None
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scale_for(self, module_name: str) -> float:
+        r = self.rank_for(module_name)
+        denom = math.sqrt(r) if self.use_rslora else r
+        return self.alpha_for(module_name) / denom
+
+    def targets(self, module_name: str) -> bool:
+        """PEFT's `check_target_module_exists` for this config (modules_to_save is refused earlier)."""
+        if self._excluded(module_name):
+            return False
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm.lower() == "all-linear":  # every nn.Linear except the output embedding
+                return module_name.rsplit(".", 1)[-1] in TARGET_MODULES and module_name not in _EMBEDDING_NAMES
+            return re.fullmatch(tm, module_name) is not None
+        if module_name in tm:  # an exact full name skips the layer filter, as in PEFT
+            return True
+        if not any(module_name.endswith(f".{t}") for t in tm):
+            return False
+        return self._layer_selected(module_name)
+
+    def _excluded(self, module_name: str) -> bool:
+        ex = self.exclude_modules
+        if not ex:
+            return False
+        if isinstance(ex, str):
+            return re.fullmatch(ex, module_name) is not None
+        return module_name in ex or any(module_name.endswith(f".{e}") for e in ex)
+
+    def _layer_selected(self, module_name: str) -> bool:
+        idx = self.layers_to_transform
+        if idx is None or (isinstance(idx, tuple) and not idx):
+            return True
+        layer = _peft_layer_index(module_name, self.layers_pattern)
+        if layer is None:
+            return False
+        return layer == idx if isinstance(idx, int) else layer in idx
+
+
+def _pattern_value(pattern: tuple[tuple[str, _T], ...], module_name: str, default: _T) -> _T:
+    # peft.utils.other.get_pattern_key: the first key with re.match(rf"(.*\.)?({key})$", name) wins.
+    for key, value in pattern:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _peft_layer_index(module_name: str, layers_pattern: str | tuple[str, ...] | None) -> int | None:
+    # Lazy `.*?` picks the first numbered segment, exactly like PEFT.
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+    else:
+        patterns = (layers_pattern,) if isinstance(layers_pattern, str) else layers_pattern
+        m = None
+        for p in patterns:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module_name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+# Fields that change numerics or structure: refused when set to anything but their default.
+_UNSUPPORTED_IF_SET: Mapping[str, str] = types.MappingProxyType({
+    "use_dora": "DoRA (use_dora)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "trainable_token_indices": "trainable embedding tokens (trainable_token_indices)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+    "megatron_config": "Megatron-parallel LoRA layers (megatron_config)",
+    "layer_replication": "layer replication (layer_replication)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+})
+# Fields that are metadata or training-time only; ignored.
+_IGNORED_FIELDS: frozenset[str] = frozenset({
+    "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "lora_dropout",
+    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+})
+_PARSED_FIELDS: frozenset[str] = frozenset({
+    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out",
+    "base_model_name_or_path",
+})
+_KNOWN_FIELDS: frozenset[str] = _PARSED_FIELDS | _IGNORED_FIELDS | frozenset(_UNSUPPORTED_IF_SET)
+# Inits that rewrite the base weights (W -= scale·B·A); unless converted at save time the adapter only
+# works on that residual base, which we cannot verify.
+_BASE_MUTATING_INITS: tuple[str, ...] = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, "", 0) and not (isinstance(value, (list, dict, tuple)) and not value)
+
+
+def read_adapter_config(path: str | os.PathLike[str], *, name: str | None = None) -> PeftLoraConfig:
+    """Parse and validate `adapter_config.json` (a directory or the file itself); reads no tensors."""
+    p = Path(path)
+    cfg_file = p if p.is_file() else p / CONFIG_FILE
+    who = _who(name if name is not None else (p.parent.name if p.is_file() else p.name), p)
+    if not cfg_file.is_file():
+        raise AdapterLoadError(f"{who}: missing {CONFIG_FILE}")
+    return _parse_config(_load_json(cfg_file, who), who)
+
+
+def _who(name: str, path: Path) -> str:
+    return f"adapter {name!r} ({path})"
+
+
+def _load_json(cfg_file: Path, who: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"{who}: cannot parse {cfg_file.name}: {e}") from e
+    if not isinstance(raw, dict):
+        raise AdapterLoadError(f"{who}: {cfg_file.name} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_config(raw: Mapping[str, Any], who: str) -> PeftLoraConfig:
+    if raw.get("peft_type") != "LORA":
+        raise UnsupportedAdapterError(f"{who}: peft_type is {raw.get('peft_type')!r}, expected 'LORA'")
+    _refuse_unsupported(raw, who)
+    target_modules = _parse_targets(raw.get("target_modules"), who)
+    config = PeftLoraConfig(
+        r=_positive_int(raw.get("r", 8), "r", who),
+        lora_alpha=_number(raw.get("lora_alpha", 8), "lora_alpha", who),
+        use_rslora=_bool(raw.get("use_rslora", False), "use_rslora", who),
+        target_modules=target_modules,
+        exclude_modules=_str_or_strs(raw.get("exclude_modules"), "exclude_modules", who),
+        layers_to_transform=_layer_indices(raw.get("layers_to_transform"), who),
+        layers_pattern=_str_or_strs(raw.get("layers_pattern"), "layers_pattern", who),
+        rank_pattern=_pattern(raw.get("rank_pattern"), "rank_pattern", who, _positive_int),
+        alpha_pattern=_pattern(raw.get("alpha_pattern"), "alpha_pattern", who, _number),
+        base_model_name_or_path=_optional_str(raw.get("base_model_name_or_path")),
+    )
+    _check_peft_invariants(config, who)
+    return config
+
+
+def _refuse_unsupported(raw: Mapping[str, Any], who: str) -> None:
+    for field, what in _UNSUPPORTED_IF_SET.items():
+        if _is_set(raw.get(field)):
+            raise UnsupportedAdapterError(f"{who}: {what} is not supported, got {field}={raw[field]!r}")
+    if raw.get("bias", "none") != "none":
+        raise UnsupportedAdapterError(f"{who}: bias={raw['bias']!r} is not supported, expected 'none'")
+    if raw.get("fan_in_fan_out") not in (False, None):
+        raise UnsupportedAdapterError(
+            f"{who}: fan_in_fan_out={raw['fan_in_fan_out']!r} (Conv1D layout) is not supported, expected false"
+        )
+    init = str(raw.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_MUTATING_INITS):
+        raise UnsupportedAdapterError(
+            f"{who}: init_lora_weights={raw['init_lora_weights']!r} rewrites the base weights, so the adapter only "
+            "fits that residual base; convert it with save_pretrained(path_initial_model_for_weight_conversion=...)"
+        )
+    unknown = sorted(k for k in raw if k not in _KNOWN_FIELDS and _is_set(raw[k]))
+    if unknown:  # fail closed: a field we do not know may change numerics
+        raise UnsupportedAdapterError(
+            f"{who}: unknown adapter_config fields set to non-default values: "
+            + ", ".join(f"{k}={raw[k]!r}" for k in unknown)
+        )
+
+
+def _parse_targets(value: Any, who: str) -> str | tuple[str, ...]:
+    if value is None:
+        return _DEFAULT_TARGETS  # PEFT's default for llama/mistral/qwen2
+    if isinstance(value, str):
+        if value.lower() != "all-linear":
+            _compile(value, "target_modules", who)
+            embeds = [n for n in _EMBEDDING_NAMES if re.fullmatch(value, n)]
+            if embeds:
+                raise UnsupportedAdapterError(f"{who}: embedding LoRA is not supported, target_modules "
+                                              f"{value!r} matches {embeds}")
+        return value
+    targets = _str_or_strs(value, "target_modules", who) or ()
+    leaves = {t: t.rsplit(".", 1)[-1] for t in targets}
+    embeds = sorted(t for t, leaf in leaves.items() if leaf in EMBEDDING_MODULES)
+    if embeds:
+        raise UnsupportedAdapterError(f"{who}: embedding LoRA is not supported, target_modules has {embeds}")
+    unknown = sorted(t for t, leaf in leaves.items() if leaf not in TARGET_MODULES)
+    if unknown:
+        raise AdapterValidationError(
+            f"{who}: unknown target modules {unknown}; supported modules are {list(TARGET_MODULES)}"
+        )
+    return tuple(sorted(targets))
+
+
+def _check_peft_invariants(config: PeftLoraConfig, who: str) -> None:
+    # LoraConfig.__post_init__ rejects these combinations; PEFT itself could not load such a config.
+    if isinstance(config.target_modules, str) and (config.layers_to_transform is not None or config.layers_pattern):
+        raise AdapterLoadError(f"{who}: layers_to_transform/layers_pattern cannot be used with a regex "
+                               f"target_modules {config.target_modules!r}")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise AdapterLoadError(f"{who}: layers_pattern={config.layers_pattern!r} requires layers_to_transform")
+    if isinstance(config.exclude_modules, str):
+        _compile(config.exclude_modules, "exclude_modules", who)
+
+
+def _positive_int(value: Any, field: str, who: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise AdapterLoadError(f"{who}: {field} must be a positive int, got {value!r}")
+    return value
+
+
+def _number(value: Any, field: str, who: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AdapterLoadError(f"{who}: {field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, field: str, who: str) -> bool:
+    if not isinstance(value, bool):
+        raise AdapterLoadError(f"{who}: {field} must be true or false, got {value!r}")
+    return value
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _str_or_strs(value: Any, field: str, who: str) -> str | tuple[str, ...] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise AdapterLoadError(f"{who}: {field} must be a string or a list of strings, got {value!r}")
+
+
+def _layer_indices(value: Any, who: str) -> int | tuple[int, ...] | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return tuple(value)
+    raise AdapterLoadError(f"{who}: layers_to_transform must be an int or a list of ints, got {value!r}")
+
+
+def _pattern(value: Any, field: str, who: str, parse: Any) -> tuple[tuple[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise AdapterLoadError(f"{who}: {field} must be a JSON object, got {value!r}")
+    out = []
+    for key, v in value.items():
+        _compile(rf"(.*\.)?({key})$", f"{field} key {key!r}", who)
+        out.append((key, parse(v, f"{field}[{key!r}]", who)))
+    return tuple(out)
+
+
+def _compile(pattern: str, what: str, who: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise AdapterLoadError(f"{who}: {what} is not a valid regex: {e}") from e
+
+
+# --- adapter weights -----------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class LoRAModuleWeights:
+    """One target module of one layer: `delta(x) = (x @ a.T) @ b_t`."""
+
+    layer: int
+    module: str
+    rank: int
+    a: torch.Tensor  # [rank, in_features]
+    b_t: torch.Tensor  # [rank, out_features] = lora_B.T * scale
+    scale: float  # already folded into b_t; kept for reporting
+
+
+@attrs.frozen(eq=False)
+class LoRAAdapter:
+    name: str
+    path: str
+    rank: int  # the config's r
+    max_rank: int  # largest rank over modules (rank_pattern may differ per module)
+    target_modules: tuple[str, ...]
+    weights: Mapping[tuple[int, str], LoRAModuleWeights]
+    nbytes: int
+    content_hash: str  # sha256 of the safetensors bytes + normalized config; dtype not included
+    dtype: torch.dtype
+
+
+@attrs.frozen
+class _ModulePlan:
+    """A validated (layer, module) entry from the header: what to read and how to fold it."""
+
+    layer: int
+    module: str
+    rank: int
+    scale: float
+    a_key: str
+    b_key: str
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+
+
+_Header = Mapping[str, tuple[tuple[int, ...], str]]  # key -> (shape, safetensors dtype name)
+
+
+def load_peft_adapter(
+    name: str,
+    path: str | os.PathLike[str],
+    base: BaseModelSpec,
+    *,
+    max_lora_rank: int,
+    dtype: torch.dtype | None = None,
+) -> LoRAAdapter:
+    """Validate a PEFT LoRA adapter against `base` from its config and header, then read and fold it."""
+    dtype = base.dtype if dtype is None else dtype
+    if dtype not in _SERVING_DTYPES:
+        raise ValueError(f"dtype must be one of {_SERVING_DTYPES}, got {dtype}")
+    if not isinstance(max_lora_rank, int) or max_lora_rank <= 0:
+        raise ValueError(f"max_lora_rank must be a positive int, got {max_lora_rank!r}")
+    root = Path(path)
+    who = _who(name, root)
+    cfg_file, st_file = _locate_files(root, who)
+    config = _parse_config(_load_json(cfg_file, who), who)
+    expected = _expected_modules(config, base, who)
+    plans = _plan_modules(_read_header(st_file, who), config, base, expected, max_lora_rank, who)
+    weights = {(p.layer, p.module): _fold(p, a, b, dtype, who) for p, a, b in _read_module_tensors(st_file, plans)}
+    return LoRAAdapter(
+        name=name,
+        path=str(root),
+        rank=config.r,
+        max_rank=max(p.rank for p in plans),
+        target_modules=tuple(sorted({p.module for p in plans})),
+        weights=types.MappingProxyType(weights),
+        nbytes=sum(w.a.nbytes + w.b_t.nbytes for w in weights.values()),
+        content_hash=_content_hash(st_file, config),
+        dtype=dtype,
+    )
+
+
+def _locate_files(root: Path, who: str) -> tuple[Path, Path]:
+    if not root.is_dir():
+        raise AdapterLoadError(f"{who}: adapter directory does not exist")
+    st_file = root / WEIGHTS_FILE
+    if not st_file.is_file():
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UnsafeAdapterFormatError(
+                f"{who}: found {pickles} but no {WEIGHTS_FILE}; pickle formats are refused (we never unpickle); "
+                "convert the adapter to safetensors"
+            )
+        raise AdapterLoadError(f"{who}: missing {WEIGHTS_FILE}")
+    cfg_file = root / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise AdapterLoadError(f"{who}: missing {CONFIG_FILE}")
+    return cfg_file, st_file
+
+
+def _expected_modules(config: PeftLoraConfig, base: BaseModelSpec, who: str) -> frozenset[tuple[int, str]]:
+    """The (layer, module) pairs PEFT would wrap on this base, from the config alone."""
+    # A regex/list that also hits a norm, an MLP block, ... could never have been built by PEFT on this base.
+    aux = list(_GLOBAL_AUX) + [f"model.layers.{i}{s}" for i in range(base.num_layers) for s in _LAYER_AUX]
+    embeds = [n for n in _EMBEDDING_NAMES if config.targets(n)]
+    if embeds:
+        raise UnsupportedAdapterError(f"{who}: embedding LoRA is not supported, target_modules matches {embeds}")
+    hit = [n for n in aux if config.targets(n)]
+    if hit:
+        raise AdapterValidationError(
+            f"{who}: target_modules {config.target_modules!r} matches non-linear modules {hit[:4]}; "
+            f"only {list(TARGET_MODULES)} can carry LoRA"
+        )
+    expected = frozenset(
+        (i, m) for i in range(base.num_layers) for m in TARGET_MODULES if config.targets(_module_name(i, m))
+    )
+    if not expected:
+        raise AdapterValidationError(
+            f"{who}: target_modules {config.target_modules!r} matches no module of the base model"
+        )
+    return expected
+
+
+def _read_header(st_file: Path, who: str) -> _Header:
+    """Key -> (shape, dtype) from the safetensors header; get_slice does not materialize data."""
+    try:
+        with safe_open(str(st_file), framework="pt") as f:
+            header = {}
+            for key in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                sl = f.get_slice(key)
+                header[key] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
+            return header
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterLoadError(f"{who}: cannot read {WEIGHTS_FILE}: {e}") from e
+
+
+def _plan_modules(
+    header: _Header, config: PeftLoraConfig, base: BaseModelSpec, expected: frozenset[tuple[int, str]],
+    max_lora_rank: int, who: str,
+) -> list[_ModulePlan]:
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in header:
+        layer, module, ab = _parse_key(key, config, base, expected, who)
+        pairs.setdefault((layer, module), {})[ab] = key
+    plans = [_plan_one(layer, module, keys, header, config, base, max_lora_rank, who)
+             for (layer, module), keys in sorted(pairs.items())]
+    _check_missing(set(pairs), expected, who)
+    return plans
+
+
+def _parse_key(
+    key: str, config: PeftLoraConfig, base: BaseModelSpec, expected: frozenset[tuple[int, str]], who: str
+) -> tuple[int, str, str]:
+    m = _KEY_RE.fullmatch(key)
+    if m is None:
+        _refuse_unparseable(key, who)
+    layer, parent, module = int(m["layer"]), m["parent"], m["module"]
+    if module not in TARGET_MODULES or _PARENT[module] != parent:
+        raise AdapterValidationError(
+            f"{who}: key {key!r} is for unknown module {parent}.{module}; supported modules are "
+            + ", ".join(f"{_PARENT[t]}.{t}" for t in TARGET_MODULES)
+        )
+    if layer >= base.num_layers:
+        raise AdapterValidationError(
+            f"{who}: key {key!r} is for layer {layer}, but the base model has {base.num_layers} layers "
+            f"(expected 0..{base.num_layers - 1})"
+        )
+    if (layer, module) not in expected:
+        raise AdapterValidationError(
+            f"{who}: key {key!r} is for {m['name']}, which the adapter config does not target "
+            f"(target_modules={config.target_modules!r}, layers_to_transform={config.layers_to_transform!r})"
+        )
+    return layer, module, m["ab"]
+
+
+def _refuse_unparseable(key: str, who: str) -> NoReturn:
+    if "lora_embedding_" in key or any(f".{e}." in key for e in EMBEDDING_MODULES):
+        raise UnsupportedAdapterError(f"{who}: key {key!r}: embedding / lm_head weights are not supported")
+    if "lora_magnitude_vector" in key:
+        raise UnsupportedAdapterError(f"{who}: key {key!r}: DoRA magnitude vectors are not supported")
+    if "modules_to_save" in key or key.endswith(".bias"):
+        raise UnsupportedAdapterError(f"{who}: key {key!r}: trained extra modules / biases are not supported")
+    raise AdapterValidationError(f"{who}: unexpected key {key!r}; expected keys like {_KEY_FORMAT}")
+
+
+def _plan_one(
+    layer: int, module: str, keys: Mapping[str, str], header: _Header,
+    config: PeftLoraConfig, base: BaseModelSpec, max_lora_rank: int, who: str,
+) -> _ModulePlan:
+    name = _module_name(layer, module)
+    for ab in ("A", "B"):
+        if ab not in keys:
+            present = next(iter(keys.values()))
+            raise AdapterValidationError(
+                f"{who}: {name} has {present!r} but no matching lora_{ab}.weight; A and B must come in pairs"
+            )
+    for key in keys.values():
+        dt = header[key][1]
+        if dt not in _SAFETENSORS_DTYPES:
+            raise AdapterValidationError(
+                f"{who}: key {key!r} has dtype {dt}, expected one of {sorted(_SAFETENSORS_DTYPES)}"
+            )
+    rank = config.rank_for(name)
+    in_f, out_f = base.module_shapes[module]
+    a_shape, b_shape = header[keys["A"]][0], header[keys["B"]][0]
+    _check_shape(keys["A"], a_shape, (rank, in_f), "(rank, in_features)", who)
+    _check_shape(keys["B"], b_shape, (out_f, rank), "(out_features, rank)", who)
+    if rank > max_lora_rank:
+        raise AdapterValidationError(
+            f"{who}: {name} has rank {rank}, above the engine's max_lora_rank {max_lora_rank}"
+        )
+    return _ModulePlan(layer, module, rank, config.scale_for(name), keys["A"], keys["B"], (rank, in_f), (out_f, rank))
+
+
+def _check_shape(key: str, actual: tuple[int, ...], expected: tuple[int, int], what: str, who: str) -> None:
+    if actual == expected:
+        return
+    # Say whether the rank or the base dimension disagrees: they have different fixes.
+    rank_axis = 0 if what.startswith("(rank") else 1
+    if len(actual) == 2 and actual[1 - rank_axis] == expected[1 - rank_axis]:
+        raise AdapterValidationError(
+            f"{who}: key {key!r} has rank {actual[rank_axis]} (shape {actual}), but the adapter config gives rank "
+            f"{expected[rank_axis]} for this module (r / rank_pattern); expected shape {expected} = {what}"
+        )
+    raise AdapterValidationError(
+        f"{who}: key {key!r} has shape {actual}, expected {expected} = {what} of the base model; "
+        "was the adapter trained for a different base model?"
+    )
+
+
+def _check_missing(present: set[tuple[int, str]], expected: frozenset[tuple[int, str]], who: str) -> None:
+    # PEFT would only warn and leave these modules at their init; a config/weights mismatch is a broken adapter.
+    missing = sorted(expected - present)
+    if missing:
+        names = [_module_name(i, m) for i, m in missing[:4]]
+        raise AdapterValidationError(
+            f"{who}: the config targets {len(expected)} modules but {WEIGHTS_FILE} lacks weights for "
+            f"{len(missing)} of them, e.g. {names}"
+        )
+
+
+def _read_module_tensors(
+    st_file: Path, plans: Sequence[_ModulePlan]
+) -> Iterator[tuple[_ModulePlan, torch.Tensor, torch.Tensor]]:
+    """The only place tensor data is read; one module at a time keeps the peak small."""
+    with safe_open(str(st_file), framework="pt") as f:
+        for p in plans:
+            yield p, f.get_tensor(p.a_key), f.get_tensor(p.b_key)
+
+
+def _fold(
+    plan: _ModulePlan, a_raw: torch.Tensor, b_raw: torch.Tensor, dtype: torch.dtype, who: str
+) -> LoRAModuleWeights:
+    name = _module_name(plan.layer, plan.module)
+    if tuple(a_raw.shape) != plan.a_shape or tuple(b_raw.shape) != plan.b_shape:  # file changed since the header
+        raise AdapterLoadError(f"{who}: {name} tensors changed while loading")
+    a = a_raw.to(dtype).contiguous()
+    b_t = (b_raw.to(torch.float32).T * plan.scale).to(dtype).contiguous()  # fold in fp32, round once
+    if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
+        raise AdapterValidationError(
+            f"{who}: {name} has non-finite values in {dtype} (lora_A, or lora_B x scale {plan.scale:g})"
+        )
+    return LoRAModuleWeights(layer=plan.layer, module=plan.module, rank=plan.rank, a=a, b_t=b_t, scale=plan.scale)
+
+
+def _content_hash(st_file: Path, config: PeftLoraConfig) -> str:
+    h = hashlib.sha256()
+    with st_file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(b"\0adapter_config\0")
+    h.update(json.dumps(attrs.asdict(config), sort_keys=True).encode())
+    return h.hexdigest()
