@@ -12,7 +12,7 @@ import math
 import os
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -21,10 +21,19 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from chameleon.adapter_info import AdapterInfo
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
 from chameleon.engine_core import EngineCore
-from chameleon.errors import ChameleonError, EngineClosedError, EngineStepError, InvalidRequestError
+from chameleon.errors import (
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    ChameleonError,
+    EngineClosedError,
+    EngineStepError,
+    InvalidRequestError,
+)
 from chameleon.outputs import RequestMetrics, RequestOutput
 from chameleon.sampling_params import SamplingParams
 
@@ -80,7 +89,10 @@ class AsyncEngine:
         self.core = core
         self.tokenizer = core.tokenizer
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
-        self._adds: deque[tuple[str, list[int], SamplingParams, float]] = deque()
+        self._adds: deque[tuple[str, list[int], SamplingParams, str | None, float]] = deque()
+        self._ops: deque[Callable[[], None]] = deque()  # core mutations, applied between steps
+        self._adapter_users: dict[str, set[str]] = {}  # adapter -> live request ids (front-end view)
+        self._adapters: dict[str, AdapterInfo] = dict(core.adapters)
         self._aborts: deque[str] = deque()  # appended from any thread (finalizers)
         self._wake: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -122,27 +134,104 @@ class AsyncEngine:
         sampling: SamplingParams | None = None,
         *,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> RequestStream:
-        """Queue a request; iterate the result for its outputs. Errors in the request raise here."""
-        if not self._started or self._closed:
-            raise EngineClosedError("the engine is not running (use `async with engine:`)")
+        """Queue a request; iterate the result for its outputs. Errors in the request raise here.
+
+        `adapter` names a registered LoRA adapter; None runs the base model.
+        """
+        self._check_running()
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        if adapter is not None and adapter not in self._adapters:
+            raise AdapterNotFoundError(f"no adapter named {adapter!r} is registered (known: {sorted(self._adapters)})")
         prompt_ids = self._tokenize(prompt)
         self.core.check_request(request_id, prompt_ids)
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
         self._streams[request_id] = send
-        self._adds.append((request_id, prompt_ids, sampling, self.core.clock.now()))
+        if adapter is not None:
+            self._adapter_users.setdefault(adapter, set()).add(request_id)
+        self._adds.append((request_id, prompt_ids, sampling, adapter, self.core.clock.now()))
         self._poke()
         return RequestStream(self, request_id, receive)
 
     def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with finish_reason "abort"."""
         self._queue_abort(request_id)
+
+    # --- adapters ---------------------------------------------------------------------------------
+
+    async def add_adapter(self, name: str, path: str | os.PathLike[str]) -> AdapterInfo:
+        """Validate a PEFT adapter against the model and load it into host memory.
+
+        The reading happens in a worker thread (the event loop and the running batch go on); the
+        registration is applied between two iterations.
+        """
+        self._check_running()
+        if name in self._adapters:
+            raise AdapterExistsError(f"an adapter named {name!r} is already registered")
+        adapter = await anyio.to_thread.run_sync(self.core.executor.read_adapter, name, str(path))
+        info: AdapterInfo = await self._between_steps(lambda: self.core.register_adapter(adapter))
+        self._adapters[name] = info
+        return info
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter. Refused while unfinished requests use it."""
+        self._check_running()
+        if name not in self._adapters:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is registered")
+        users = self._adapter_users.get(name)
+        if users:
+            raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} unfinished requests")
+        del self._adapters[name]
+        self._queue_op(lambda: self.core.remove_adapter(name))
+
+    def pin_adapter(self, name: str) -> None:
+        """Keep the adapter on the device once loaded: it is never evicted while pinned."""
+        self._set_pinned(name, True)
+
+    def unpin_adapter(self, name: str) -> None:
+        self._set_pinned(name, False)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return list(self._adapters.values())
+
+    def _set_pinned(self, name: str, pinned: bool) -> None:
+        self._check_running()
+        if name not in self._adapters:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is registered")
+        self._adapters[name] = attrs.evolve(self._adapters[name], pinned=pinned)
+        self._queue_op(lambda: self.core.pin_adapter(name, pinned))
+
+    def _check_running(self) -> None:
+        if not self._started or self._closed:
+            raise EngineClosedError("the engine is not running (use `async with engine:`)")
+
+    def _queue_op(self, op: Callable[[], None]) -> None:
+        self._ops.append(op)
+        self._poke()
+
+    async def _between_steps(self, fn: Callable[[], Any]) -> Any:
+        done = anyio.Event()
+        result: list[Any] = []
+        error: list[BaseException] = []
+
+        def op() -> None:
+            try:
+                result.append(fn())
+            except Exception as exc:  # handed to the awaiting caller, not the loop
+                error.append(exc)
+            done.set()
+
+        self._queue_op(op)
+        await done.wait()
+        if error:
+            raise error[0]
+        return result[0]
 
     def stats(self) -> dict[str, Any]:
         stats = self.core.stats().as_dict()
@@ -170,7 +259,7 @@ class AsyncEngine:
             self._apply_intake()
             if not self.core.has_unfinished_requests():
                 self._wake = anyio.Event()
-                if not self._adds and not self._closed:
+                if not self._adds and not self._ops and not self._closed:
                     with anyio.move_on_after(0.1):  # also re-checks aborts queued from other threads
                         await self._wake.wait()
                 self._wake = None
@@ -188,10 +277,16 @@ class AsyncEngine:
             self._deliver(out)
 
     def _apply_intake(self) -> None:
-        while self._adds:
-            request_id, prompt_ids, sampling, arrival = self._adds.popleft()
+        while self._ops:
+            op = self._ops.popleft()
             try:
-                self.core.add_request(request_id, prompt_ids, sampling, arrival_time=arrival)
+                op()
+            except ChameleonError:  # already checked in the front end; only a race gets here
+                log.exception("queued engine operation failed")
+        while self._adds:
+            request_id, prompt_ids, sampling, adapter, arrival = self._adds.popleft()
+            try:
+                self.core.add_request(request_id, prompt_ids, sampling, adapter=adapter, arrival_time=arrival)
             except ChameleonError as exc:  # checked in generate(); only a race gets here
                 self._fail_unstarted(request_id, exc)
         while self._aborts:
@@ -201,9 +296,11 @@ class AsyncEngine:
                 self._deliver(out)
             else:
                 self._streams.pop(request_id, None)
+                self._forget_user(request_id)
 
     def _fail_unstarted(self, request_id: str, exc: ChameleonError) -> None:
         send = self._streams.pop(request_id, None)
+        self._forget_user(request_id)
         if send is not None:
             now = self.core.clock.now()
             metrics = RequestMetrics(arrival_time=now, finish_time=now)
@@ -230,6 +327,11 @@ class AsyncEngine:
         if out.finished:
             send.close()
             del self._streams[out.request_id]
+            self._forget_user(out.request_id)
+
+    def _forget_user(self, request_id: str) -> None:
+        for users in self._adapter_users.values():
+            users.discard(request_id)
 
 
 def _with_error(out: RequestOutput, error: str) -> RequestOutput:

@@ -12,6 +12,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
 SchedulerName = Literal["fifo"]
+AdapterCacheName = Literal["lru", "slora"]
 
 _MiB = 1 << 20
 
@@ -44,8 +45,18 @@ class EngineConfig:
     max_num_seqs: int = attrs.field(default=128, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
     scheduler: SchedulerName = attrs.field(default="fifo", validator=_one_of("fifo"))
+    # Adapters. Device memory for adapters is a pool of max_loras * max_lora_rank rank rows; any mix
+    # of adapters whose ranks add up to that can be resident at once (no padding to the max rank).
+    max_loras: int = attrs.field(default=8, validator=_positive)
+    max_lora_rank: int = attrs.field(default=64, validator=_positive)
+    lora_backend: LoRABackend = attrs.field(default="auto", validator=_one_of("auto", "torch", "triton"))
+    adapter_cache: AdapterCacheName = attrs.field(default="lru", validator=_one_of("lru", "slora"))
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
     num_threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
+
+    @property
+    def lora_pool_rows(self) -> int:
+        return self.max_loras * self.max_lora_rank
 
     def default_kv_bytes_cpu(self) -> int:
         return self.kv_cache_memory_bytes or 512 * _MiB

@@ -13,10 +13,18 @@ from typing import Any
 import attrs
 import torch
 
+from chameleon.adapter_cache import AdapterCache, CachePolicyName
+from chameleon.adapter_info import AdapterInfo
 from chameleon.block_manager import KVBlockManager
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.detokenizer import IncrementalDetokenizer
-from chameleon.errors import InvalidRequestError, PromptTooLongError
+from chameleon.errors import (
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from chameleon.executor.base import Executor
 from chameleon.outputs import FinishReason, RequestOutput
 from chameleon.policies import make_policy
@@ -46,6 +54,12 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int
     num_finished: int
+    adapters_registered: int = 0
+    adapters_resident: int = 0
+    adapter_hits: int = 0
+    adapter_misses: int = 0
+    adapter_evictions: int = 0
+    adapter_ref_count: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -58,6 +72,7 @@ class EngineCore:
         limits: CoreLimits,
         *,
         scheduler: str = "fifo",
+        adapter_cache: CachePolicyName = "lru",
         tokenizer: Any | None = None,
         clock: Clock | None = None,
         seed: int = 0,
@@ -67,9 +82,12 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.clock = clock or MonotonicClock()
         self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size)
+        self.adapter_cache = AdapterCache(executor.adapter_pool_rows, adapter_cache)
+        self.adapters: dict[str, AdapterInfo] = {}
         self.scheduler = Scheduler(
             make_policy(scheduler),
             self.blocks,
+            self.adapter_cache,
             max_num_seqs=limits.max_num_seqs,
             max_num_batched_tokens=limits.max_num_batched_tokens,
         )
@@ -86,15 +104,17 @@ class EngineCore:
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams | None = None,
         *,
+        adapter: str | None = None,
         arrival_time: float | None = None,
     ) -> None:
         sampling = sampling or SamplingParams()
-        prompt = self.check_request(request_id, prompt_token_ids)
+        prompt = self.check_request(request_id, prompt_token_ids, adapter)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling,
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
+            adapter=adapter,
             generator=self._generator(sampling),
         )
         if self.tokenizer is not None:
@@ -107,8 +127,12 @@ class EngineCore:
         self.requests[request_id] = request
         self.scheduler.add(request, request.arrival_time)
 
-    def check_request(self, request_id: str, prompt_token_ids: Sequence[int]) -> list[int]:
+    def check_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], adapter: str | None = None
+    ) -> list[int]:
         """Raise the typed error a request deserves, or return its prompt as a list."""
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterNotFoundError(f"no adapter named {adapter!r} is registered (known: {sorted(self.adapters)})")
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
@@ -136,6 +160,40 @@ class EngineCore:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng).item())
         return torch.Generator().manual_seed(seed)
 
+    # --- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Validate and load a PEFT adapter into host memory (see `register_adapter`)."""
+        self._check_new_adapter(name)
+        return self.register_adapter(self.executor.read_adapter(name, path))
+
+    def register_adapter(self, adapter: Any) -> AdapterInfo:
+        """Register an adapter the executor has read (`executor.read_adapter`, safe off-thread)."""
+        self._check_new_adapter(adapter.name)
+        info = self.executor.register_adapter(adapter)
+        self.adapter_cache.register(info.name, info.max_rank, info.device_bytes)
+        self.adapters[info.name] = info
+        return info
+
+    def _check_new_adapter(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"adapter names are non-empty strings, got {name!r}")
+        if name in self.adapters:
+            raise AdapterExistsError(f"an adapter named {name!r} is already registered")
+
+    def remove_adapter(self, name: str) -> None:
+        users = [r.request_id for r in self.requests.values() if r.adapter == name]
+        if name in self.adapters and users:
+            raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} unfinished requests, e.g. {users[0]!r}")
+        self.adapter_cache.unregister(name)  # raises AdapterNotFoundError for unknown names
+        self.executor.unregister_adapter(name)
+        del self.adapters[name]
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        """A pinned adapter is never evicted from the device once loaded."""
+        self.adapter_cache.pin(name, pinned)
+        self.adapters[name] = attrs.evolve(self.adapters[name], pinned=pinned)
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free what it holds. Returns its final output, or None if unknown."""
         request = self.requests.get(request_id)
@@ -154,11 +212,19 @@ class EngineCore:
         if not batch:
             return []
         try:
+            for name in batch.adapter_evictions:
+                self.executor.evict_adapter(name)
+            for load in batch.adapter_loads:
+                self.executor.load_adapter(load.name, load.row)
             sampled = self.executor.execute(batch)
         except Exception as exc:  # a bad batch must not take the engine down: fail just this batch
             log.exception("iteration failed; aborting the %d requests in it", len(batch.scheduled))
             message = f"{type(exc).__name__}: {exc}"
-            return [self._finish(s.request, "abort", "", (), error=message) for s in batch.scheduled]
+            outputs = [self._finish(s.request, "abort", "", (), error=message) for s in batch.scheduled]
+            for load in batch.adapter_loads:  # its copy may not have happened: never trust those rows
+                self.adapter_cache.drop(load.name)
+                self.executor.evict_adapter(load.name)
+            return outputs
         return self._process(batch, sampled)
 
     def _process(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
@@ -245,6 +311,12 @@ class EngineCore:
             kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self._num_preemptions,
             num_finished=self._num_finished,
+            adapters_registered=len(self.adapters),
+            adapters_resident=len(self.adapter_cache.resident()),
+            adapter_hits=self.adapter_cache.stats.hits,
+            adapter_misses=self.adapter_cache.stats.misses,
+            adapter_evictions=self.adapter_cache.stats.evictions,
+            adapter_ref_count=self.adapter_cache.total_ref_count,
         )
 
 

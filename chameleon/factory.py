@@ -19,6 +19,7 @@ from chameleon.executor.torch_executor import (
     kv_bytes_per_token,
     resolve_device,
     resolve_dtype,
+    resolve_lora_backend,
 )
 from chameleon.model.loader import load_hf_config, load_model
 from chameleon.model.spec import ModelSpec, model_spec_from_config
@@ -76,7 +77,17 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
                 "raise kv_cache_memory_bytes / num_kv_blocks or lower max_model_len"
             )
         max_len = kv_tokens
-    executor = TorchExecutor(model, spec, device=device, dtype=dtype, num_kv_blocks=blocks, block_size=config.block_size)
+    executor = TorchExecutor(
+        model,
+        spec,
+        device=device,
+        dtype=dtype,
+        num_kv_blocks=blocks,
+        block_size=config.block_size,
+        max_lora_rank=config.max_lora_rank,
+        lora_pool_rows=config.lora_pool_rows,
+        lora_backend=resolve_lora_backend(config.lora_backend, device),
+    )
     tokenizer = load_tokenizer(path)
     eos = set(spec.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -88,4 +99,12 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
         max_num_batched_tokens=config.max_num_batched_tokens,
         eos_token_ids=tuple(sorted(eos)),
     )
-    return EngineCore(executor, limits, scheduler=config.scheduler, tokenizer=tokenizer, clock=clock, seed=config.seed)
+    return EngineCore(
+        executor,
+        limits,
+        scheduler=config.scheduler,
+        adapter_cache=config.adapter_cache,
+        tokenizer=tokenizer,
+        clock=clock,
+        seed=config.seed,
+    )

@@ -31,6 +31,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival_time: float
+    adapter: str | None = None  # None: the base model
     output_token_ids: list[int] = attrs.field(factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 
+from chameleon.adapter_cache import Acquired, AdapterCache
 from chameleon.block_manager import KVBlockManager
 from chameleon.policies import AdmissionPolicy
 from chameleon.request import Request, RequestStatus
@@ -28,6 +29,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[Request, ...] = ()
+    adapter_loads: tuple[Acquired, ...] = ()  # to copy into the device pool before this batch runs
+    adapter_evictions: tuple[str, ...] = ()  # left the device pool since the previous batch
 
     @property
     def num_tokens(self) -> int:
@@ -42,15 +45,19 @@ class Scheduler:
         self,
         policy: AdmissionPolicy,
         blocks: KVBlockManager,
+        adapters: AdapterCache,
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
     ) -> None:
         self.policy = policy
         self.blocks = blocks
+        self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.running: list[Request] = []  # in admission order; the newest is preempted first
+        self._loads: list[Acquired] = []
+        self._evictions: list[str] = []
 
     @property
     def num_waiting(self) -> int:
@@ -82,12 +89,17 @@ class Scheduler:
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break
                 num_new = min(request.num_tokens_to_compute, budget)
+                if request.adapter is not None and not self.adapters.can_acquire(request.adapter):
+                    break  # its adapter cannot fit next to the running ones yet
                 if not self.blocks.allocate(request, request.num_computed_tokens + num_new):
                     break
                 self._admit(request, now)
                 scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
-        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+        loads, evictions = tuple(self._loads), tuple(self._evictions)
+        self._loads.clear()
+        self._evictions.clear()
+        return SchedulerOutput(tuple(scheduled), tuple(preempted), loads, evictions)
 
     def _reserve(self, request: Request, num_new: int, preempted: list[Request], now: float) -> bool:
         """Find KV blocks for a running request, preempting the newest others if we must."""
@@ -101,6 +113,12 @@ class Scheduler:
         return True
 
     def _admit(self, request: Request, now: float) -> None:
+        if request.adapter is not None:
+            acquired = self.adapters.acquire(request.adapter, now)
+            assert acquired is not None, "can_acquire promised room"
+            self._evictions.extend(acquired.evicted)
+            if acquired.load:
+                self._loads.append(acquired)
         self.policy.admitted(request, now)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
@@ -109,20 +127,27 @@ class Scheduler:
 
     def _preempt(self, request: Request, now: float) -> None:
         # Recompute-style preemption: drop the KV, keep the tokens, go back to the front of the line.
-        self.running.remove(request)
-        self.blocks.free(request)
+        self._leave_running(request, now)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.policy.finished(request, now)
         self.policy.requeue(request, now)
 
     def finish(self, request: Request, now: float) -> None:
         """Release everything a request holds, wherever it is (running or waiting)."""
         if request in self.running:
-            self.running.remove(request)
-            self.policy.finished(request, now)
-        elif request.status is RequestStatus.WAITING:
-            self.policy.remove(request)
-        self.blocks.free(request)
+            self._leave_running(request, now)
+        else:
+            if request.status is RequestStatus.WAITING:
+                self.policy.remove(request)
+            self.blocks.free(request)
         request.status = RequestStatus.FINISHED
+
+    def _leave_running(self, request: Request, now: float) -> None:
+        self.running.remove(request)
+        self.blocks.free(request)
+        self.policy.finished(request, now)
+        if request.adapter is not None:
+            evicted = self.adapters.release(request.adapter, now)
+            if evicted is not None:
+                self._evictions.append(evicted)

@@ -70,3 +70,37 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tokenizer)
+
+
+# PEFT adapters for the tiny Llama: different ranks, targets, rsLoRA and a rank pattern.
+ADAPTER_CONFIGS: dict[str, dict[str, Any]] = {
+    "a8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "b16": dict(
+        r=16,
+        lora_alpha=32,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "c64": dict(r=64, lora_alpha=64, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "d8": dict(r=8, lora_alpha=8, target_modules=["o_proj", "down_proj"], rank_pattern={"down_proj": 4}),
+}
+
+
+def save_peft_adapters(base_path: Path, out: Path, configs: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for i, (name, kwargs) in enumerate(configs.items()):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        # init_lora_weights=False: random A *and* B, otherwise the adapter is a no-op.
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **kwargs))
+        paths[name] = out / name
+        model.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> dict[str, Path]:
+    return save_peft_adapters(tiny_llama, tmp_path_factory.mktemp("adapters"), ADAPTER_CONFIGS)

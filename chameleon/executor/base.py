@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+from chameleon.adapter_info import AdapterInfo
 from chameleon.scheduler import SchedulerOutput
 
 
@@ -13,6 +14,28 @@ class Executor(Protocol):
 
     @property
     def block_size(self) -> int: ...
+
+    @property
+    def adapter_pool_rows(self) -> int:
+        """Rank rows of device memory for adapters (the adapter cache's capacity)."""
+        ...
+
+    def read_adapter(self, name: str, path: str) -> Any:
+        """Validate an adapter against the model and read it into host memory.
+
+        Touches no shared state, so the async front end runs it in a worker thread.
+        """
+        ...
+
+    def register_adapter(self, adapter: Any) -> AdapterInfo: ...
+
+    def unregister_adapter(self, name: str) -> None: ...
+
+    def load_adapter(self, name: str, row: int) -> None:
+        """Copy a registered adapter into device pool rows starting at `row`."""
+        ...
+
+    def evict_adapter(self, name: str) -> None: ...
 
     def execute(self, batch: SchedulerOutput) -> list[int]:
         """Run one iteration; return one sampled token per scheduled request that samples, in order."""

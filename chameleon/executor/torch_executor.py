@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
+from chameleon.adapter_info import AdapterInfo
+from chameleon.errors import AdapterNotFoundError
+from chameleon.lora.ops import Backend
+from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter, load_peft_adapter
+from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
 from chameleon.model.llama import LlamaModel
 from chameleon.model.spec import ModelSpec
@@ -27,9 +33,16 @@ class TorchExecutor:
         dtype: torch.dtype,
         num_kv_blocks: int,
         block_size: int,
+        max_lora_rank: int,
+        lora_pool_rows: int,
+        lora_backend: Backend,
     ) -> None:
         self.model, self.spec = model, spec
         self.device, self.dtype = device, dtype
+        self.max_lora_rank, self.lora_backend = max_lora_rank, lora_backend
+        self.base_spec = base_model_spec(spec, dtype)
+        self.lora_pool = LoRAPool(self.base_spec, lora_pool_rows, device=device, dtype=dtype)
+        self.host_adapters: dict[str, LoRAAdapter] = {}
         self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
         slots = num_kv_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
@@ -46,12 +59,52 @@ class TorchExecutor:
     def block_size(self) -> int:
         return self._block_size
 
+    @property
+    def adapter_pool_rows(self) -> int:
+        return self.lora_pool.capacity_rows
+
+    # --- adapters ---------------------------------------------------------------------------------
+
+    def read_adapter(self, name: str, path: str) -> LoRAAdapter:
+        return load_peft_adapter(name, Path(path), self.base_spec, max_lora_rank=self.max_lora_rank, dtype=self.dtype)
+
+    def register_adapter(self, adapter: LoRAAdapter) -> AdapterInfo:
+        if self.device.type == "cuda":  # pinned host memory makes the host->device copy async
+            adapter = _pin(adapter)
+        self.host_adapters[adapter.name] = adapter
+        return AdapterInfo(
+            name=adapter.name,
+            path=adapter.path,
+            rank=adapter.rank,
+            max_rank=adapter.max_rank,
+            target_modules=adapter.target_modules,
+            host_bytes=adapter.nbytes,
+            device_bytes=adapter.max_rank * self.lora_pool.bytes_per_row,
+            content_hash=adapter.content_hash,
+        )
+
+    def unregister_adapter(self, name: str) -> None:
+        self.lora_pool.evict(name)
+        self.host_adapters.pop(name, None)
+
+    def load_adapter(self, name: str, row: int) -> None:
+        if name not in self.host_adapters:
+            raise AdapterNotFoundError(f"adapter {name!r} is not in host memory")
+        self.lora_pool.load(self.host_adapters[name], row)
+
+    def evict_adapter(self, name: str) -> None:
+        self.lora_pool.evict(name)
+
+    # --- the iteration ----------------------------------------------------------------------------
+
     def execute(self, batch: SchedulerOutput) -> list[int]:
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
-        samplers = []
-        for item in batch.scheduled:
+        samplers, adapters = [], []
+        # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
+        items = sorted(batch.scheduled, key=lambda s: self._adapter_order(s.request.adapter))
+        for item in items:
             req, n = item.request, item.num_new_tokens
             start = req.num_computed_tokens
             token_ids.extend(req.all_token_ids[start : start + n])
@@ -59,6 +112,7 @@ class TorchExecutor:
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(req.block_table)
+            adapters.append(req.adapter)
             if item.samples:
                 sample_rows.append(len(token_ids) - 1)
                 samplers.append(req)
@@ -70,10 +124,50 @@ class TorchExecutor:
             meta,
             self.kv_caches,
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            self.lora_pool.batch(adapters, query_lens, self.lora_backend),
         )
         if not samplers:
             return []
-        return sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        # Back to the scheduler's order, which is what the core expects.
+        by_request = dict(zip((r.request_id for r in samplers), tokens, strict=True))
+        return [by_request[s.request.request_id] for s in batch.scheduled if s.samples]
+
+    def _adapter_order(self, name: str | None) -> int:
+        return -1 if name is None else self.lora_pool.resident[name][0]
+
+
+def base_model_spec(spec: ModelSpec, dtype: torch.dtype) -> BaseModelSpec:
+    """The shapes adapters are validated against, from the model itself."""
+    h, q, kv, inter = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+    assert set(shapes) == set(TARGET_MODULES)
+    return BaseModelSpec(num_layers=spec.num_layers, module_shapes=shapes, dtype=dtype)
+
+
+def _pin(adapter: LoRAAdapter) -> LoRAAdapter:
+    import attrs
+
+    weights = {k: attrs.evolve(w, a=w.a.pin_memory(), b_t=w.b_t.pin_memory()) for k, w in adapter.weights.items()}
+    return attrs.evolve(adapter, weights=weights)
+
+
+def resolve_lora_backend(name: str, device: torch.device) -> Backend:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        from chameleon.errors import ConfigError
+
+        raise ConfigError("lora_backend='triton' needs CUDA (or TRITON_INTERPRET=1, for tests only)")
+    return name  # type: ignore[return-value]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,104 @@
+"""Device-side adapter weights: one row pool per (layer, module), and the per-batch LoRA hook.
+
+Rows come from `AdapterCache` (the policy); this file only copies weights in and builds the
+segment metadata a batch needs. An adapter with per-module ranks (rank_pattern) occupies
+`max_rank` rows; rows past a module's own rank stay zero, so they add nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from chameleon.lora.ops import Backend, LoRASegments, lora_apply
+from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter
+
+
+class LoRAPool:
+    def __init__(self, base: BaseModelSpec, capacity_rows: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.base, self.capacity_rows = base, capacity_rows
+        self.device, self.dtype = device, dtype
+        self._a: list[dict[str, torch.Tensor]] = []
+        self._b: list[dict[str, torch.Tensor]] = []
+        self.resident: dict[str, tuple[int, LoRAAdapter]] = {}  # name -> (first row, adapter)
+
+    @property
+    def bytes_per_row(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return elem * self.base.num_layers * sum(i + o for i, o in self.base.module_shapes.values())
+
+    def _allocate(self) -> None:
+        # Lazily: an engine that never sees an adapter never pays for the pools.
+        for _ in range(self.base.num_layers):
+            shapes = self.base.module_shapes
+            kw = dict(device=self.device, dtype=self.dtype)
+            self._a.append({m: torch.zeros(self.capacity_rows, shapes[m][0], **kw) for m in TARGET_MODULES})
+            self._b.append({m: torch.zeros(self.capacity_rows, shapes[m][1], **kw) for m in TARGET_MODULES})
+
+    def load(self, adapter: LoRAAdapter, row: int) -> None:
+        if not self._a:
+            self._allocate()
+        rows = slice(row, row + adapter.max_rank)
+        for layer in range(self.base.num_layers):
+            for module in TARGET_MODULES:
+                self._a[layer][module][rows].zero_()
+                self._b[layer][module][rows].zero_()
+        for (layer, module), w in adapter.weights.items():
+            self._a[layer][module][row : row + w.rank].copy_(w.a, non_blocking=True)
+            self._b[layer][module][row : row + w.rank].copy_(w.b_t, non_blocking=True)
+        self.resident[adapter.name] = (row, adapter)
+
+    def evict(self, name: str) -> None:
+        self.resident.pop(name, None)
+
+    def batch(
+        self, adapters: Sequence[str | None], query_lens: Sequence[int], backend: Backend
+    ) -> LoRABatch | None:
+        """The hook for a batch whose sequences (in row order) use `adapters`; None if no adapter.
+
+        Sequences sharing an adapter should be adjacent (the executor sorts them) so each adapter
+        forms one segment; correctness does not depend on it.
+        """
+        if all(a is None for a in adapters):
+            return None
+        runs: list[tuple[int, int, str]] = []  # (start, length, adapter) of consecutive rows
+        pos = 0
+        for name, n in zip(adapters, query_lens, strict=True):
+            if name is not None:
+                if runs and runs[-1][2] == name and runs[-1][0] + runs[-1][1] == pos:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n, name)
+                else:
+                    runs.append((pos, n, name))
+            pos += n
+        segs = {m: self._segments(runs, m, pos) for m in TARGET_MODULES}
+        return LoRABatch(self._a, self._b, {m: s for m, s in segs.items() if s is not None}, backend)
+
+    def _segments(self, runs: list[tuple[int, int, str]], module: str, num_tokens: int) -> LoRASegments | None:
+        picked = [
+            (start, n, *self.resident[name][:1], self.resident[name][1].max_rank)
+            for start, n, name in runs
+            if module in self.resident[name][1].target_modules
+        ]
+        if not picked:
+            return None
+        starts, lens, rows, ranks = (list(col) for col in zip(*picked, strict=True))
+        return LoRASegments.build(starts, lens, rows, ranks, num_tokens, self.device)
+
+
+class LoRABatch:
+    """Implements the model's `LoRAHook` for one batch."""
+
+    def __init__(
+        self,
+        a: list[dict[str, torch.Tensor]],
+        b: list[dict[str, torch.Tensor]],
+        segments: Mapping[str, LoRASegments],
+        backend: Backend,
+    ) -> None:
+        self._a, self._b, self._segments, self._backend = a, b, segments, backend
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        segs = self._segments.get(module)
+        if segs is not None:
+            lora_apply(y, x, self._a[layer][module], self._b[layer][module], segs, backend=self._backend)
