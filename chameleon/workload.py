@@ -1,0 +1,599 @@
+"""Workloads: who asks for what, when. Pure values and seeded generators (numpy only).
+
+A `Workload` is a tuple of `WorkloadRequest`s sorted by arrival (seconds from the start of the run),
+plus the `AdapterSpec`s they use. Every generator takes a `seed` and draws from one
+`numpy.random.default_rng(seed)` in a fixed order, so the same arguments give the same workload.
+
+Definitions chosen here
+-----------------------
+Two popularity laws, because the two sources use the word "power law" differently:
+
+* **S-LoRA's law** (`slora_adapter_pmf`). S-LoRA's benchmark (`benchmarks/trace.py`,
+  `generate_requests`) draws `x = numpy.random.power(alpha)` (density `alpha * x**(alpha-1)` on
+  [0, 1]) and takes adapter `floor(x * N)`. So `P(i) = ((i+1)/N)**alpha - (i/N)**alpha` for
+  i = 0..N-1: **alpha = 1 is uniform**, alpha < 1 favours low ids (adapter 0 most popular), smaller
+  alpha is more skewed (S-LoRA sweeps alpha in {0.1, 0.3, 0.6, 1}). `slora_workload` reproduces this
+  mechanism exactly (same draws, same order), with `Generator.power` in place of the legacy global
+  RNG — the same distributions, not the same numbers as S-LoRA's script for a given seed.
+* **Zipf's law** (`zipf_pmf`): `P(i) ∝ (i+1)**(-alpha)`, i = 0..N-1 (adapter 0 most popular;
+  log-log rank-frequency slope = -alpha). Used by `paper_workload` and `trace_workload`. The
+  Chameleon paper only says "power-law popularity within a rank" and gives no exponent that we
+  could find, so alpha defaults to 1.0 (classic Zipf); S-LoRA's law is not used there because at
+  alpha = 1 it would be uniform, i.e. no popularity skew at all.
+
+`slora_workload` — S-LoRA's generator, semantics kept:
+  exactly `int(rate * duration_s)` requests (a fixed count, as S-LoRA does); gaps
+  `Gamma(shape=1/cv², scale=cv²/rate)` (mean 1/rate, coefficient of variation cv; cv = 1 is
+  Poisson); arrival k = gap_0 + ... + gap_k (the first request arrives after one gap, not at 0,
+  and the last may land a little after `duration_s`); prompt and output lengths uniform integers
+  in [lo, hi); adapter i has rank `ranks[i % len(ranks)]` (S-LoRA cycles its rank list; default
+  (64, 32, 16, 8) is its "S2" setting). `num_adapters = 0` gives base-model requests (S-LoRA's
+  `num_adapters == 0` case). Draw order: adapter ids, prompt lengths, output lengths, gaps.
+
+`paper_workload` — the Chameleon paper's setup:
+  100 adapters = ranks (8, 16, 32, 64, 128) × 20 each, named `r{rank}-{j:02d}`. Arrivals are a
+  Poisson process of intensity `rate` on [0, duration_s) (exponential gaps; the count is random).
+  Each request picks a rank uniformly, then adapter j within that rank with Zipf(alpha)
+  probability. Its (prompt, output) lengths are one row of the Azure trace drawn uniformly at
+  random *with replacement* (i.i.d. rows match independent Poisson arrivals and allow any
+  duration). Draw order: gaps, ranks, within-rank ids, trace rows.
+
+`trace_workload` — replay of a trace CSV (`TIMESTAMP, ContextTokens, GeneratedTokens`):
+  rows are stably sorted by timestamp (the bundled traces already are); arrival offsets are
+  `t_i - t_0`, so the first request arrives at 0. "Rescaled to `rate`" means every offset of the
+  replayed rows is multiplied by one factor so that their mean gap, `(last - first) / (m - 1)`, is
+  exactly 1/rate: the burst pattern is kept, only time is stretched. The trace is "replayed
+  cyclically" when more rows are needed than it has: a copy starts one (native) mean gap after the
+  previous copy's last request.
+    - `rate` only: all rows, rescaled to `rate`.
+    - `duration_s` only: native timing, requests at or after `duration_s` dropped (cyclic if short).
+    - both: the first `m = int(rate * duration_s)` rows (cyclic if short; S-LoRA's count rule),
+      rescaled to `rate`, so there are exactly m requests, the last one at (m-1)/rate < duration_s.
+      (Rescaling the whole trace and then cutting a window would not give `rate`: the Azure traces
+      are not stationary, e.g. conv's first 10 minutes run ~10% below its hourly mean.)
+    - neither: the trace as recorded.
+  Lengths are the recorded ones; `max_prompt_len` / `max_output_len` *clip* (min) rather than drop
+  rows, so the arrival process is untouched. A row with 0 generated (or 0 context) tokens is clamped to 1: a request always has a
+  prompt token and yields at least the token its prefill samples (the bundled traces have none).
+  Adapters: `adapters=None` means the paper's 100-adapter set chosen the paper's way (uniform rank,
+  Zipf within rank); an explicit sequence means Zipf(alpha) over it in the given order (first =
+  most popular); `()` means no adapters (all base model). Independently, each request is a
+  base-model request with probability `base_fraction`. Draw order: base coin, adapter choice.
+
+Timestamps are parsed without pandas: `YYYY-MM-DD[ T]HH:MM:SS[.fraction][Z|±HH:MM]` with any number of
+fractional digits (the Azure traces have 7), read as UTC when no offset is given, or a plain number
+of seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import importlib.resources
+import importlib.resources.abc
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import numpy as np
+
+__all__ = [
+    "PAPER_RANKS",
+    "TRACE_FILES",
+    "AdapterSpec",
+    "TraceRow",
+    "Workload",
+    "WorkloadRequest",
+    "bundled_trace_path",
+    "load_trace",
+    "paper_adapters",
+    "paper_workload",
+    "parse_timestamp",
+    "slora_adapter_pmf",
+    "slora_adapters",
+    "slora_workload",
+    "trace_workload",
+    "zipf_pmf",
+]
+
+PAPER_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128)
+PAPER_ADAPTERS_PER_RANK = 20
+SLORA_RANKS: tuple[int, ...] = (64, 32, 16, 8)  # S-LoRA's "S2" model setting, in its order
+TRACE_FILES: dict[str, str] = {
+    "conv": "AzureLLMInferenceTrace_conv.csv",
+    "code": "AzureLLMInferenceTrace_code.csv",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class WorkloadRequest:
+    request_id: str
+    arrival_s: float  # seconds from the start of the run
+    prompt_len: int
+    output_len: int  # tokens to generate (the "true" length; simulators and oracles use it)
+    adapter: str | None  # None = base model
+
+
+@attrs.frozen
+class AdapterSpec:
+    name: str
+    rank: int
+
+
+def _request_tuple(values: Iterable[WorkloadRequest]) -> tuple[WorkloadRequest, ...]:
+    return tuple(values)
+
+
+def _adapter_tuple(values: Iterable[AdapterSpec]) -> tuple[AdapterSpec, ...]:
+    return tuple(values)
+
+
+@attrs.frozen
+class Workload:
+    requests: tuple[WorkloadRequest, ...] = attrs.field(converter=_request_tuple)  # sorted by arrival
+    adapters: tuple[AdapterSpec, ...] = attrs.field(converter=_adapter_tuple)
+    description: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        _check_workload(self.requests, self.adapters)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def duration_s(self) -> float:
+        """Arrival time of the last request (the run starts at 0); 0.0 when empty."""
+        return self.requests[-1].arrival_s if self.requests else 0.0
+
+    def rate(self) -> float:
+        """Mean arrival rate = 1 / mean inter-arrival gap = (n-1) / (last - first arrival).
+
+        0.0 with fewer than two requests; inf if they all arrive at once.
+        """
+        if len(self.requests) < 2:
+            return 0.0
+        span = self.requests[-1].arrival_s - self.requests[0].arrival_s
+        return math.inf if span <= 0 else (len(self.requests) - 1) / span
+
+    def adapter_ranks(self) -> dict[str, int]:
+        return {a.name: a.rank for a in self.adapters}
+
+    def to_jsonl(self, path: str | os.PathLike[str]) -> None:
+        """One header line (description, adapters) then one line per request."""
+        with open(path, "w", encoding="utf-8") as f:
+            self.write_jsonl(f)
+
+    def write_jsonl(self, f: TextIO) -> None:
+        header = {
+            "type": "chameleon.workload",
+            "version": 1,
+            "description": self.description,
+            "adapters": [attrs.asdict(a) for a in self.adapters],
+        }
+        f.write(json.dumps(header) + "\n")
+        for r in self.requests:  # json writes floats with repr: they round-trip exactly
+            f.write(json.dumps(attrs.asdict(r)) + "\n")
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> Workload:
+        with open(path, encoding="utf-8") as f:
+            return cls.read_jsonl(f)
+
+    @classmethod
+    def read_jsonl(cls, f: TextIO) -> Workload:
+        lines = [line for line in f if line.strip()]
+        if not lines:
+            raise ValueError("empty workload file")
+        header = json.loads(lines[0])
+        if header.get("type") != "chameleon.workload":
+            raise ValueError("not a chameleon workload file (bad header line)")
+        adapters = [AdapterSpec(name=a["name"], rank=int(a["rank"])) for a in header["adapters"]]
+        requests = [_request_from_dict(json.loads(line)) for line in lines[1:]]
+        return cls(requests=requests, adapters=adapters, description=header.get("description", ""))
+
+
+def _request_from_dict(d: dict[str, Any]) -> WorkloadRequest:
+    return WorkloadRequest(
+        request_id=str(d["request_id"]),
+        arrival_s=float(d["arrival_s"]),
+        prompt_len=int(d["prompt_len"]),
+        output_len=int(d["output_len"]),
+        adapter=d["adapter"],
+    )
+
+
+def _check_workload(requests: tuple[WorkloadRequest, ...], adapters: tuple[AdapterSpec, ...]) -> None:
+    names = {a.name for a in adapters}
+    if len(names) != len(adapters):
+        raise ValueError("adapter names must be unique")
+    if len({r.request_id for r in requests}) != len(requests):
+        raise ValueError("request ids must be unique")
+    prev = -math.inf
+    for r in requests:
+        if r.arrival_s < prev:
+            raise ValueError(f"requests must be sorted by arrival (at {r.request_id})")
+        if r.adapter is not None and r.adapter not in names:
+            raise ValueError(f"request {r.request_id} uses unknown adapter {r.adapter!r}")
+        prev = r.arrival_s
+
+
+# --------------------------------------------------------------------------------------------
+# Popularity laws
+# --------------------------------------------------------------------------------------------
+
+
+def slora_adapter_pmf(num_adapters: int, alpha: float) -> np.ndarray:
+    """S-LoRA's law: P(i) = ((i+1)/N)**alpha - (i/N)**alpha (alpha = 1 is uniform)."""
+    _check_alpha(alpha)
+    if num_adapters < 1:
+        raise ValueError("need at least one adapter")
+    edges = (np.arange(num_adapters + 1, dtype=np.float64) / num_adapters) ** alpha
+    return np.diff(edges)
+
+
+def zipf_pmf(n: int, alpha: float) -> np.ndarray:
+    """Zipf: P(i) ∝ (i+1)**(-alpha), i = 0..n-1 (alpha = 0 is uniform)."""
+    if alpha < 0:
+        raise ValueError("alpha must be >= 0")
+    weights = np.arange(1, n + 1, dtype=np.float64) ** -alpha
+    return weights / weights.sum()
+
+
+def _check_alpha(alpha: float) -> None:
+    if not alpha > 0:
+        raise ValueError("S-LoRA's power law needs alpha > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# S-LoRA's synthetic generator
+# --------------------------------------------------------------------------------------------
+
+
+def slora_workload(
+    *,
+    num_adapters: int,
+    alpha: float,
+    rate: float,
+    cv: float,
+    duration_s: float,
+    input_range: tuple[int, int] = (8, 512),
+    output_range: tuple[int, int] = (8, 512),
+    ranks: Sequence[int] = SLORA_RANKS,
+    seed: int,
+) -> Workload:
+    """S-LoRA's `generate_requests` (see the module docstring for the exact semantics)."""
+    _check_positive(rate=rate, cv=cv, duration_s=duration_s)
+    _check_alpha(alpha)
+    rng = np.random.default_rng(seed)
+    n = _count(rate, duration_s)
+    x = rng.power(alpha, n)
+    ids = np.minimum((x * max(num_adapters, 1)).astype(np.int64), max(num_adapters - 1, 0))
+    prompt = rng.integers(input_range[0], input_range[1], n)  # [lo, hi), as numpy randint
+    output = rng.integers(output_range[0], output_range[1], n)
+    gaps = rng.gamma(1.0 / (cv * cv), cv * cv / rate, n)
+    adapters = slora_adapters(num_adapters, ranks)
+    names: list[str | None] = [a.name for a in adapters] if adapters else [None]
+    chosen = [names[i] for i in ids]
+    desc = (
+        f"slora(num_adapters={num_adapters}, alpha={alpha}, rate={rate}, cv={cv}, duration_s={duration_s}, "
+        f"input_range={tuple(input_range)}, output_range={tuple(output_range)}, ranks={tuple(ranks)}, seed={seed})"
+    )
+    return _build(np.cumsum(gaps), prompt, output, chosen, adapters, desc)
+
+
+def slora_adapters(num_adapters: int, ranks: Sequence[int] = SLORA_RANKS) -> tuple[AdapterSpec, ...]:
+    """Adapter i has rank `ranks[i % len(ranks)]` (S-LoRA cycles its list); named `a{i:03d}-r{rank}`."""
+    return tuple(AdapterSpec(f"a{i:03d}-r{ranks[i % len(ranks)]}", ranks[i % len(ranks)]) for i in range(num_adapters))
+
+
+def _count(rate: float, duration_s: float) -> int:
+    """int(rate * duration_s), S-LoRA's request count, immune to round-off (2.3 * 100 -> 230, not 229)."""
+    return int(rate * duration_s + 1e-9)
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _build(
+    arrivals: np.ndarray,
+    prompt: np.ndarray,
+    output: np.ndarray,
+    adapter_names: Sequence[str | None],
+    adapters: Sequence[AdapterSpec],
+    description: str,
+) -> Workload:
+    requests = [
+        WorkloadRequest(f"req-{i:06d}", float(arrivals[i]), int(prompt[i]), int(output[i]), adapter_names[i])
+        for i in range(len(arrivals))
+    ]
+    return Workload(requests=requests, adapters=adapters, description=description)
+
+
+# --------------------------------------------------------------------------------------------
+# The Chameleon paper's setup
+# --------------------------------------------------------------------------------------------
+
+
+def paper_adapters(
+    ranks: Sequence[int] = PAPER_RANKS, per_rank: int = PAPER_ADAPTERS_PER_RANK
+) -> tuple[AdapterSpec, ...]:
+    """The paper's adapter set: `per_rank` adapters of each rank, named `r{rank}-{j:02d}`."""
+    return tuple(AdapterSpec(f"r{rank}-{j:02d}", rank) for rank in ranks for j in range(per_rank))
+
+
+def _pick_paper_adapters(
+    rng: np.random.Generator, n: int, alpha: float, num_ranks: int, per_rank: int
+) -> np.ndarray:
+    """Indices into `paper_adapters()`: a uniform rank, then Zipf(alpha) within the rank."""
+    rank_idx = rng.integers(0, num_ranks, n)
+    within = rng.choice(per_rank, size=n, p=zipf_pmf(per_rank, alpha))
+    return rank_idx * per_rank + within
+
+
+def _poisson_arrivals(rng: np.random.Generator, rate: float, duration_s: float) -> np.ndarray:
+    """Arrival times of a Poisson process of intensity `rate` on [0, duration_s)."""
+    expected = rate * duration_s
+    chunk = int(expected + 6 * math.sqrt(expected) + 16)  # almost always enough in one draw
+    times = np.cumsum(rng.exponential(1.0 / rate, chunk))
+    while times[-1] < duration_s:
+        more = np.cumsum(rng.exponential(1.0 / rate, chunk)) + times[-1]
+        times = np.concatenate([times, more])
+    return times[times < duration_s]
+
+
+def paper_workload(
+    *,
+    rate: float,
+    duration_s: float,
+    seed: int,
+    trace: str | os.PathLike[str] = "conv",
+    alpha: float = 1.0,
+    ranks: Sequence[int] = PAPER_RANKS,
+    per_rank: int = PAPER_ADAPTERS_PER_RANK,
+    max_prompt_len: int | None = None,
+    max_output_len: int | None = None,
+) -> Workload:
+    """The Chameleon paper's workload (see the module docstring)."""
+    _check_positive(rate=rate, duration_s=duration_s)
+    rows = load_trace(trace)
+    rng = np.random.default_rng(seed)
+    arrivals = _poisson_arrivals(rng, rate, duration_s)
+    n = len(arrivals)
+    idx = _pick_paper_adapters(rng, n, alpha, len(ranks), per_rank)
+    row_idx = rng.integers(0, len(rows), n)
+    prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len)
+    adapters = paper_adapters(ranks, per_rank)
+    desc = (
+        f"paper(rate={rate}, duration_s={duration_s}, seed={seed}, trace={_trace_label(trace)}, alpha={alpha}, "
+        f"ranks={tuple(ranks)}, per_rank={per_rank}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len})"
+    )
+    return _build(arrivals, prompt, output, [adapters[i].name for i in idx], adapters, desc)
+
+
+def _lengths(
+    rows: Sequence[TraceRow], idx: np.ndarray, max_prompt: int | None, max_output: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trace lengths of rows `idx`, zero clamped to 1 and optionally clipped."""
+    prompt = np.array([rows[i].context_tokens for i in idx], dtype=np.int64)
+    output = np.array([rows[i].generated_tokens for i in idx], dtype=np.int64)
+    prompt = np.maximum(prompt, 1)
+    output = np.maximum(output, 1)
+    if max_prompt is not None:
+        prompt = np.minimum(prompt, max_prompt)
+    if max_output is not None:
+        output = np.minimum(output, max_output)
+    return prompt, output
+
+
+# --------------------------------------------------------------------------------------------
+# Trace replay
+# --------------------------------------------------------------------------------------------
+
+
+def trace_workload(
+    path_or_name: str | os.PathLike[str] = "conv",
+    *,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    adapters: Sequence[AdapterSpec] | None = None,
+    alpha: float = 1.0,
+    base_fraction: float = 0.0,
+    seed: int = 0,
+    max_prompt_len: int | None = None,
+    max_output_len: int | None = None,
+) -> Workload:
+    """Replay a trace's lengths and (rescaled) arrival pattern (see the module docstring)."""
+    if not 0.0 <= base_fraction <= 1.0:
+        raise ValueError("base_fraction must be in [0, 1]")
+    rows = sorted(load_trace(path_or_name), key=lambda r: r.timestamp_s)  # stable: ties keep file order
+    if not rows:
+        raise ValueError(f"trace {path_or_name!r} has no rows")
+    offsets, row_idx = _replay_times(rows, rate, duration_s)
+    prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len)
+    rng = np.random.default_rng(seed)
+    specs, names = _assign_adapters(rng, len(offsets), adapters, alpha, base_fraction)
+    desc = (
+        f"trace({_trace_label(path_or_name)}, rate={rate}, duration_s={duration_s}, "
+        f"adapters={'paper' if adapters is None else len(specs)}, alpha={alpha}, base_fraction={base_fraction}, "
+        f"seed={seed}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len})"
+    )
+    return _build(offsets, prompt, output, names, specs, desc)
+
+
+def _replay_times(
+    rows: Sequence[TraceRow], rate: float | None, duration_s: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(arrival offsets, row index of each request) for the four rate/duration cases."""
+    ts = np.array([r.timestamp_s for r in rows], dtype=np.float64)
+    offsets = ts - ts[0]
+    if rate is not None:
+        _check_positive(rate=rate)
+    if duration_s is not None:
+        _check_positive(duration_s=duration_s)
+    if rate is None and duration_s is None:
+        return offsets, np.arange(len(rows))
+    if rate is None:
+        return _cyclic(offsets, lambda t: t < duration_s)
+    if duration_s is None:
+        return _rescale(offsets, rate), np.arange(len(rows))
+    m = _count(rate, duration_s)
+    times, idx = _cyclic(offsets, lambda t: np.arange(len(t)) < m)
+    return (_rescale(times, rate) if m > 1 else times), idx
+
+
+def _rescale(offsets: np.ndarray, rate: float) -> np.ndarray:
+    """Stretch time by one factor so the mean gap is exactly 1/rate (first arrival stays at 0)."""
+    span = float(offsets[-1] - offsets[0]) if len(offsets) >= 2 else 0.0
+    if span <= 0:
+        raise ValueError("cannot rescale a trace with fewer than two distinct timestamps")
+    return (offsets - offsets[0]) * ((len(offsets) - 1) / span / rate)
+
+
+def _cyclic(offsets: np.ndarray, keep: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The trace replayed cyclically, cut where `keep` (a prefix predicate on times) turns false."""
+    n = len(offsets)
+    span = float(offsets[-1])
+    period = span + (span / (n - 1) if n > 1 else 0.0)
+    if period <= 0:  # a single timestamp cannot be repeated in time: no cycling
+        mask = keep(offsets)
+        return offsets[mask], np.arange(n)[mask]
+    copies = 1
+    while bool(keep(np.concatenate([offsets + k * period for k in range(copies)]))[-1]):
+        copies *= 2  # grow until the last request of the tiled trace is cut
+    tiled = np.concatenate([offsets + k * period for k in range(copies)])
+    mask = keep(tiled)
+    return tiled[mask], np.tile(np.arange(n), copies)[mask]
+
+
+def _assign_adapters(
+    rng: np.random.Generator,
+    n: int,
+    adapters: Sequence[AdapterSpec] | None,
+    alpha: float,
+    base_fraction: float,
+) -> tuple[tuple[AdapterSpec, ...], list[str | None]]:
+    """Synthetic adapter ids: base-model coin first, then the popularity law."""
+    is_base = rng.random(n) < base_fraction
+    if adapters is None:
+        specs = paper_adapters()
+        idx = _pick_paper_adapters(rng, n, alpha, len(PAPER_RANKS), PAPER_ADAPTERS_PER_RANK)
+    else:
+        specs = tuple(adapters)
+        if not specs:
+            return specs, [None] * n
+        idx = rng.choice(len(specs), size=n, p=zipf_pmf(len(specs), alpha))
+    names = [None if base else specs[i].name for base, i in zip(is_base, idx, strict=True)]
+    return specs, names
+
+
+# --------------------------------------------------------------------------------------------
+# Trace files
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TraceRow:
+    timestamp_s: float  # seconds since the Unix epoch (the trace's clock read as UTC)
+    context_tokens: int
+    generated_tokens: int
+
+
+_TS_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def parse_timestamp(text: str) -> float:
+    """Seconds since the epoch for `YYYY-MM-DD HH:MM:SS.fffffff` (any fraction digits) or a number."""
+    s = text.strip()
+    m = _TS_RE.match(s)
+    if m is None:
+        try:
+            return float(s)
+        except ValueError:
+            raise ValueError(f"unparseable timestamp {text!r}") from None
+    y, mo, d, h, mi, sec = (int(g) for g in m.groups()[:6])
+    whole = _dt.datetime(y, mo, d, h, mi, sec, tzinfo=_dt.timezone.utc).timestamp()
+    frac = m.group(7)
+    fraction = int(frac) / 10 ** len(frac) if frac else 0.0  # datetime keeps only 6 digits: do it by hand
+    return whole - _tz_offset_s(m.group(8)) + fraction
+
+
+def _tz_offset_s(tz: str | None) -> float:
+    if tz is None or tz == "Z":
+        return 0.0
+    sign = -1.0 if tz[0] == "-" else 1.0
+    digits = tz[1:].replace(":", "")
+    return sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+
+
+def bundled_trace_path(name: str) -> Path:
+    """Path of a bundled trace ("conv" or "code"), found with importlib.resources."""
+    if name not in TRACE_FILES:
+        raise KeyError(f"unknown bundled trace {name!r}; choose from {sorted(TRACE_FILES)}")
+    return Path(str(_bundled_resource(name)))  # a real file for every ordinary (non-zipped) install
+
+
+def load_trace(path_or_name: str | os.PathLike[str]) -> list[TraceRow]:
+    """Rows of a trace CSV in file order. "conv"/"code" name the bundled traces; else a path."""
+    if isinstance(path_or_name, str) and path_or_name in TRACE_FILES:
+        return list(_load_bundled(path_or_name))
+    with open(path_or_name, encoding="utf-8-sig", newline="") as f:
+        return parse_trace_csv(f)
+
+
+def _bundled_resource(name: str) -> importlib.resources.abc.Traversable:
+    return importlib.resources.files("chameleon.data").joinpath("traces").joinpath(TRACE_FILES[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _load_bundled(name: str) -> tuple[TraceRow, ...]:
+    text = _bundled_resource(name).read_text(encoding="utf-8-sig")
+    return tuple(parse_trace_csv(io.StringIO(text, newline="")))
+
+
+def parse_trace_csv(f: TextIO) -> list[TraceRow]:
+    """Parse `TIMESTAMP, ContextTokens, GeneratedTokens` (header names case/space-insensitive)."""
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+        return []
+    cols = _columns(header)
+    rows = []
+    for line in reader:
+        if not line or not "".join(line).strip():
+            continue
+        rows.append(
+            TraceRow(
+                timestamp_s=parse_timestamp(line[cols[0]]),
+                context_tokens=int(float(line[cols[1]])),
+                generated_tokens=int(float(line[cols[2]])),
+            )
+        )
+    return rows
+
+
+def _columns(header: Sequence[str]) -> tuple[int, int, int]:
+    keys = [h.strip().lower() for h in header]
+    try:
+        return keys.index("timestamp"), keys.index("contexttokens"), keys.index("generatedtokens")
+    except ValueError:
+        raise ValueError(f"trace header must hold TIMESTAMP, ContextTokens, GeneratedTokens; got {header}") from None
+
+
+def _trace_label(path_or_name: str | os.PathLike[str]) -> str:
+    return os.fspath(path_or_name)
