@@ -12,7 +12,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
 SchedulerName = Literal["fifo"]
-AdapterCacheName = Literal["lru", "slora"]
+AdapterCacheName = Literal["chameleon", "lru", "slora"]
 
 _MiB = 1 << 20
 
@@ -39,9 +39,13 @@ class EngineConfig:
     # None: the model's max_position_embeddings (capped by the KV cache size).
     max_model_len: int | None = attrs.field(default=None, validator=_positive)
     block_size: int = attrs.field(default=16, validator=_positive)
-    # Bytes of KV cache; None picks 512 MiB on CPU, 90% of free memory after weights on CUDA.
-    kv_cache_memory_bytes: int | None = attrs.field(default=None, validator=_positive)
-    num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)  # overrides the bytes above
+    # One budget for KV blocks, the activation reserve and resident adapters (KV always wins).
+    # None: 1 GiB on CPU, 90% of the free memory after weights on CUDA.
+    device_memory_bytes: int | None = attrs.field(default=None, validator=_positive)
+    # None: an estimate from max_num_batched_tokens and the model's sizes (see factory.py).
+    activation_reserve_bytes: int | None = attrs.field(default=None, validator=_positive)
+    # Fixes the KV cache size; the budget then defaults to exactly these blocks plus the reserve.
+    num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)
     max_num_seqs: int = attrs.field(default=128, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
     scheduler: SchedulerName = attrs.field(default="fifo", validator=_one_of("fifo"))
@@ -50,7 +54,10 @@ class EngineConfig:
     max_loras: int = attrs.field(default=8, validator=_positive)
     max_lora_rank: int = attrs.field(default=64, validator=_positive)
     lora_backend: LoRABackend = attrs.field(default="auto", validator=_one_of("auto", "torch", "triton"))
-    adapter_cache: AdapterCacheName = attrs.field(default="lru", validator=_one_of("lru", "slora"))
+    adapter_cache: AdapterCacheName = attrs.field(default="chameleon", validator=_one_of("chameleon", "lru", "slora"))
+    max_cpu_adapters: int | None = attrs.field(default=None, validator=_positive)  # host tier; None: all
+    adapter_prefetch_depth: int = 8  # waiting requests whose adapters load ahead of admission; 0: off
+    adapter_arrival_prefetch: bool = False  # prefetch for requests that have not arrived (predictor)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
     num_threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
 
@@ -58,5 +65,5 @@ class EngineConfig:
     def lora_pool_rows(self) -> int:
         return self.max_loras * self.max_lora_rank
 
-    def default_kv_bytes_cpu(self) -> int:
-        return self.kv_cache_memory_bytes or 512 * _MiB
+    def default_budget_cpu(self) -> int:
+        return self.device_memory_bytes or 1024 * _MiB

@@ -15,6 +15,7 @@ import torch
 
 from chameleon.adapter_cache import AdapterCache, CachePolicyName
 from chameleon.adapter_info import AdapterInfo
+from chameleon.arrival_predictor import ArrivalPredictor
 from chameleon.block_manager import KVBlockManager
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.detokenizer import IncrementalDetokenizer
@@ -26,6 +27,7 @@ from chameleon.errors import (
     PromptTooLongError,
 )
 from chameleon.executor.base import Executor
+from chameleon.memory import MemoryBudget
 from chameleon.outputs import FinishReason, RequestOutput
 from chameleon.policies import make_policy
 from chameleon.request import Request
@@ -56,12 +58,25 @@ class EngineStats:
     num_finished: int
     adapters_registered: int = 0
     adapters_resident: int = 0
+    adapter_resident_bytes: int = 0
     adapter_hits: int = 0
     adapter_misses: int = 0
+    adapter_loads: int = 0
+    adapter_prefetches: int = 0
     adapter_evictions: int = 0
+    adapter_bytes_loaded: int = 0
+    adapter_load_critical_s: float = 0.0
     adapter_ref_count: int = 0
+    memory_budget_bytes: int = 0
+    kv_bytes: int = 0
+    memory_free_bytes: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    @property
+    def adapter_hit_rate(self) -> float | None:
+        lookups = self.adapter_hits + self.adapter_misses
+        return self.adapter_hits / lookups if lookups else None
+
+    def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
@@ -72,7 +87,10 @@ class EngineCore:
         limits: CoreLimits,
         *,
         scheduler: str = "fifo",
-        adapter_cache: CachePolicyName = "lru",
+        adapter_cache: CachePolicyName = "chameleon",
+        memory: MemoryBudget | None = None,
+        prefetch_depth: int = 8,
+        arrival_predictor: ArrivalPredictor | None = None,
         tokenizer: Any | None = None,
         clock: Clock | None = None,
         seed: int = 0,
@@ -81,8 +99,17 @@ class EngineCore:
         self.limits = limits
         self.tokenizer = tokenizer
         self.clock = clock or MonotonicClock()
-        self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size)
-        self.adapter_cache = AdapterCache(executor.adapter_pool_rows, adapter_cache)
+        # Without an explicit budget, the memory is exactly the KV cache: adapters get what KV idles.
+        self.memory = memory or MemoryBudget(
+            total_bytes=executor.num_kv_blocks * executor.kv_block_bytes,
+            reserve_bytes=0,
+            kv_block_bytes=executor.kv_block_bytes,
+            adapter_row_bytes=executor.adapter_row_bytes,
+        )
+        self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size, self.memory)
+        self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, adapter_cache)
+        self.arrival_predictor = arrival_predictor
+        self.adapter_load_critical_s = 0.0  # time the iteration waited for adapter copies
         self.adapters: dict[str, AdapterInfo] = {}
         self.scheduler = Scheduler(
             make_policy(scheduler),
@@ -90,6 +117,7 @@ class EngineCore:
             self.adapter_cache,
             max_num_seqs=limits.max_num_seqs,
             max_num_batched_tokens=limits.max_num_batched_tokens,
+            prefetch_depth=prefetch_depth,
         )
         self.requests: dict[str, Request] = {}
         self._seed_rng = torch.Generator().manual_seed(seed)
@@ -126,6 +154,8 @@ class EngineCore:
             )
         self.requests[request_id] = request
         self.scheduler.add(request, request.arrival_time)
+        if adapter is not None and self.arrival_predictor is not None:
+            self.arrival_predictor.observe(adapter, request.arrival_time)
 
     def check_request(
         self, request_id: str, prompt_token_ids: Sequence[int], adapter: str | None = None
@@ -171,7 +201,7 @@ class EngineCore:
         """Register an adapter the executor has read (`executor.read_adapter`, safe off-thread)."""
         self._check_new_adapter(adapter.name)
         info = self.executor.register_adapter(adapter)
-        self.adapter_cache.register(info.name, info.max_rank, info.device_bytes)
+        self.adapter_cache.register(info.name, info.max_rank)
         self.adapters[info.name] = info
         return info
 
@@ -207,25 +237,34 @@ class EngineCore:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule(self.clock.now())
+        now = self.clock.now()
+        likely = self.arrival_predictor.likely(now) if self.arrival_predictor is not None else ()
+        batch = self.scheduler.schedule(now, likely)
         self._num_preemptions += len(batch.preempted)
-        if not batch:
-            return []
         try:
-            for name in batch.adapter_evictions:
-                self.executor.evict_adapter(name)
-            for load in batch.adapter_loads:
-                self.executor.load_adapter(load.name, load.row)
+            self._move_adapters(batch)
+            if not batch:
+                return []
             sampled = self.executor.execute(batch)
         except Exception as exc:  # a bad batch must not take the engine down: fail just this batch
             log.exception("iteration failed; aborting the %d requests in it", len(batch.scheduled))
             message = f"{type(exc).__name__}: {exc}"
             outputs = [self._finish(s.request, "abort", "", (), error=message) for s in batch.scheduled]
-            for load in batch.adapter_loads:  # its copy may not have happened: never trust those rows
+            for load in (*batch.adapter_loads, *batch.adapter_prefetches):  # copies may not have happened
                 self.adapter_cache.drop(load.name)
                 self.executor.evict_adapter(load.name)
             return outputs
         return self._process(batch, sampled)
+
+    def _move_adapters(self, batch: SchedulerOutput) -> None:
+        for name in batch.adapter_evictions:
+            self.executor.evict_adapter(name)
+        start = self.clock.now()
+        for load in batch.adapter_loads:  # on the critical path: this batch needs them
+            self.executor.load_adapter(load.name, load.row)
+        self.adapter_load_critical_s += self.clock.now() - start
+        for load in batch.adapter_prefetches:  # overlapped with this batch
+            self.executor.prefetch_adapter(load.name, load.row)
 
     def _process(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
         now = self.clock.now()
@@ -304,6 +343,7 @@ class EngineCore:
     # --- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        cache = self.adapter_cache.stats
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=self.scheduler.num_waiting,
@@ -313,10 +353,18 @@ class EngineCore:
             num_finished=self._num_finished,
             adapters_registered=len(self.adapters),
             adapters_resident=len(self.adapter_cache.resident()),
-            adapter_hits=self.adapter_cache.stats.hits,
-            adapter_misses=self.adapter_cache.stats.misses,
-            adapter_evictions=self.adapter_cache.stats.evictions,
+            adapter_resident_bytes=self.memory.adapter_bytes,
+            adapter_hits=cache.hits,
+            adapter_misses=cache.misses,
+            adapter_loads=cache.loads,
+            adapter_prefetches=cache.prefetches,
+            adapter_evictions=cache.evictions,
+            adapter_bytes_loaded=cache.bytes_loaded,
+            adapter_load_critical_s=self.adapter_load_critical_s,
             adapter_ref_count=self.adapter_cache.total_ref_count,
+            memory_budget_bytes=self.memory.total_bytes,
+            kv_bytes=self.memory.kv_bytes,
+            memory_free_bytes=self.memory.free_bytes,
         )
 
 

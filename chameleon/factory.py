@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from chameleon.arrival_predictor import ArrivalPredictor
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
 from chameleon.engine_core import CoreLimits, EngineCore
@@ -22,6 +23,7 @@ from chameleon.executor.torch_executor import (
     resolve_lora_backend,
 )
 from chameleon.model.loader import load_hf_config, load_model
+from chameleon.memory import MemoryBudget
 from chameleon.model.spec import ModelSpec, model_spec_from_config
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,34 @@ def resolve_max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
     return config.max_model_len
 
 
-def num_kv_blocks(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
+def activation_reserve(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes kept for one iteration's activations: hidden states and MLP intermediates of the
+    largest batch, plus float32 logits for every sequence. An estimate, not a measurement."""
+    if config.activation_reserve_bytes is not None:
+        return config.activation_reserve_bytes
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = (4 * spec.hidden_size + 3 * spec.intermediate_size) * elem
+    return config.max_num_batched_tokens * per_token + config.max_num_seqs * spec.vocab_size * 4
+
+
+def memory_budget(
+    config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, reserve: int
+) -> tuple[int, int]:
+    """(budget bytes, KV blocks). KV may grow into the whole budget except the reserve."""
+    block_bytes = kv_bytes_per_token(spec, dtype) * config.block_size
     if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_block = kv_bytes_per_token(spec, dtype) * config.block_size
-    if device.type == "cuda" and config.kv_cache_memory_bytes is None:
+        total = config.device_memory_bytes or config.num_kv_blocks * block_bytes + reserve
+        return total, config.num_kv_blocks
+    if config.device_memory_bytes is not None:
+        total = config.device_memory_bytes
+    elif device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.9) // per_block
-    return config.default_kv_bytes_cpu() // per_block
+        total = int(free * 0.9)
+    else:
+        total = config.default_budget_cpu()
+    if total < reserve + block_bytes:
+        raise ConfigError(f"device_memory_bytes={total} cannot hold the activation reserve ({reserve}) and one KV block")
+    return total, (total - reserve) // block_bytes
 
 
 def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, clock: Clock | None = None) -> EngineCore:
@@ -68,13 +90,14 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
     spec = model_spec_from_config(load_hf_config(path))  # fail fast, before reading any weights
     max_len = resolve_max_model_len(config, spec)
     model = load_model(path, spec, dtype, device, max_positions=max_len)
-    blocks = num_kv_blocks(config, spec, dtype, device)
+    reserve = activation_reserve(config, spec, dtype)
+    budget_bytes, blocks = memory_budget(config, spec, dtype, device, reserve)
     kv_tokens = blocks * config.block_size
     if kv_tokens < max_len:
         if config.max_model_len is not None:
             raise ConfigError(
                 f"the KV cache holds {kv_tokens} tokens, fewer than max_model_len={max_len}: "
-                "raise kv_cache_memory_bytes / num_kv_blocks or lower max_model_len"
+                "raise device_memory_bytes / num_kv_blocks or lower max_model_len"
             )
         max_len = kv_tokens
     executor = TorchExecutor(
@@ -87,6 +110,13 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
         max_lora_rank=config.max_lora_rank,
         lora_pool_rows=config.lora_pool_rows,
         lora_backend=resolve_lora_backend(config.lora_backend, device),
+        max_cpu_adapters=config.max_cpu_adapters,
+    )
+    memory = MemoryBudget(
+        total_bytes=budget_bytes,
+        reserve_bytes=reserve,
+        kv_block_bytes=executor.kv_block_bytes,
+        adapter_row_bytes=executor.adapter_row_bytes,
     )
     tokenizer = load_tokenizer(path)
     eos = set(spec.eos_token_ids)
@@ -104,6 +134,9 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
         limits,
         scheduler=config.scheduler,
         adapter_cache=config.adapter_cache,
+        memory=memory,
+        prefetch_depth=config.adapter_prefetch_depth,
+        arrival_predictor=ArrivalPredictor() if config.adapter_arrival_prefetch else None,
         tokenizer=tokenizer,
         clock=clock,
         seed=config.seed,

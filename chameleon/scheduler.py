@@ -1,7 +1,9 @@
 """Iteration-level scheduling: which requests run this step and how many tokens each computes.
 
-The mechanism lives here (token budget, KV blocks, preemption by recompute); the order in which
-waiting requests are tried is the admission policy's business (`chameleon.policies`).
+The mechanism lives here (token budget, KV blocks, adapter residency, preemption by recompute);
+the order in which waiting requests are tried is the admission policy's (`chameleon.policies`).
+Memory is one budget (`chameleon.memory`): when KV needs room, idle adapters are evicted before
+any request is preempted, because KV always wins.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[Request, ...] = ()
-    adapter_loads: tuple[Acquired, ...] = ()  # to copy into the device pool before this batch runs
-    adapter_evictions: tuple[str, ...] = ()  # left the device pool since the previous batch
+    adapter_evictions: tuple[str, ...] = ()  # left the device since the previous batch
+    adapter_loads: tuple[Acquired, ...] = ()  # must be usable before this batch runs
+    adapter_prefetches: tuple[Acquired, ...] = ()  # start copying now; needed by a later batch
 
     @property
     def num_tokens(self) -> int:
@@ -49,12 +52,14 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        prefetch_depth: int = 8,
     ) -> None:
         self.policy = policy
         self.blocks = blocks
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefetch_depth = prefetch_depth  # waiting requests whose adapters we load ahead
         self.running: list[Request] = []  # in admission order; the newest is preempted first
         self._loads: list[Acquired] = []
         self._evictions: list[str] = []
@@ -64,9 +69,11 @@ class Scheduler:
         return len(self.policy)
 
     def add(self, request: Request, now: float) -> None:
+        self._queued(request, +1)
         self.policy.add(request, now)
 
-    def schedule(self, now: float) -> SchedulerOutput:
+    def schedule(self, now: float, speculative: tuple[str, ...] = ()) -> SchedulerOutput:
+        """`speculative`: adapters an arrival predictor expects soon; loaded into free memory only."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -89,22 +96,38 @@ class Scheduler:
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break
                 num_new = min(request.num_tokens_to_compute, budget)
-                if request.adapter is not None and not self.adapters.can_acquire(request.adapter):
-                    break  # its adapter cannot fit next to the running ones yet
-                if not self.blocks.allocate(request, request.num_computed_tokens + num_new):
+                if not self._try_admit(request, num_new, now):
                     break
-                self._admit(request, now)
                 scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
-        loads, evictions = tuple(self._loads), tuple(self._evictions)
+
+        prefetches = self._prefetch(now, speculative)
+        out = SchedulerOutput(
+            tuple(scheduled), tuple(preempted), tuple(self._evictions), tuple(self._loads), prefetches
+        )
         self._loads.clear()
         self._evictions.clear()
-        return SchedulerOutput(tuple(scheduled), tuple(preempted), loads, evictions)
+        return out
+
+    # --- memory ----------------------------------------------------------------------------------
+
+    def _allocate_kv(self, request: Request, num_tokens: int, now: float) -> bool:
+        """KV blocks for `request`, evicting idle adapters from the budget if that is what it takes."""
+        if self.blocks.allocate(request, num_tokens):
+            return True
+        needed = self.blocks.blocks_needed(request, num_tokens)
+        if needed > self.blocks.num_free:
+            return False  # the KV tensor itself is full: only preemption helps
+        evicted = self.adapters.reclaim(needed * self.blocks.budget.kv_block_bytes, now) if self.blocks.budget else None
+        if evicted is None:
+            return False
+        self._evictions.extend(evicted)
+        return self.blocks.allocate(request, num_tokens)
 
     def _reserve(self, request: Request, num_new: int, preempted: list[Request], now: float) -> bool:
-        """Find KV blocks for a running request, preempting the newest others if we must."""
+        """Find KV for a running request, preempting the newest others if we must."""
         target = request.num_computed_tokens + num_new
-        while not self.blocks.allocate(request, target):
+        while not self._allocate_kv(request, target, now):
             victim = self.running[-1]
             self._preempt(victim, now)
             preempted.append(victim)
@@ -112,18 +135,52 @@ class Scheduler:
                 return False
         return True
 
-    def _admit(self, request: Request, now: float) -> None:
+    def _try_admit(self, request: Request, num_new: int, now: float) -> bool:
+        acquired = None
         if request.adapter is not None:
+            # Take the adapter first: holding a reference keeps KV's reclaim from evicting it.
             acquired = self.adapters.acquire(request.adapter, now)
-            assert acquired is not None, "can_acquire promised room"
+            if acquired is None:
+                return False  # its adapter cannot fit next to the running ones yet
+        if not self._allocate_kv(request, request.num_computed_tokens + num_new, now):
+            if acquired is not None:
+                self._evictions.extend(acquired.evicted)
+                self._evictions.extend(self.adapters.undo(acquired, now))
+            return False
+        if acquired is not None:
             self._evictions.extend(acquired.evicted)
-            if acquired.load:
+            if acquired.load or acquired.prefetched:
                 self._loads.append(acquired)
+        self._queued(request, -1)
         self.policy.admitted(request, now)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
         self.running.append(request)
+        return True
+
+    def _prefetch(self, now: float, speculative: tuple[str, ...]) -> tuple[Acquired, ...]:
+        """Load the adapters of the next waiting requests (and predicted arrivals) ahead of time."""
+        wanted: list[tuple[str, bool]] = []  # (adapter, may evict idle adapters nobody queues for)
+        for i, request in enumerate(self.policy.candidates(now)):
+            if i >= self.prefetch_depth:
+                break
+            if request.adapter is not None:
+                wanted.append((request.adapter, True))
+        wanted.extend((name, False) for name in speculative)
+        out = []
+        for name, may_evict in dict(wanted).items():
+            acquired = self.adapters.prefetch(name, now, evict=may_evict)
+            if acquired is not None:
+                self._evictions.extend(acquired.evicted)
+                out.append(acquired)
+        return tuple(out)
+
+    def _queued(self, request: Request, delta: int) -> None:
+        if request.adapter is not None:
+            self.adapters.queue(request.adapter, delta)
+
+    # --- leaving ---------------------------------------------------------------------------------
 
     def _preempt(self, request: Request, now: float) -> None:
         # Recompute-style preemption: drop the KV, keep the tokens, go back to the front of the line.
@@ -131,6 +188,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
+        self._queued(request, +1)
         self.policy.requeue(request, now)
 
     def finish(self, request: Request, now: float) -> None:
@@ -140,6 +198,7 @@ class Scheduler:
         else:
             if request.status is RequestStatus.WAITING:
                 self.policy.remove(request)
+                self._queued(request, -1)
             self.blocks.free(request)
         request.status = RequestStatus.FINISHED
 

@@ -20,6 +20,16 @@ class Executor(Protocol):
         """Rank rows of device memory for adapters (the adapter cache's capacity)."""
         ...
 
+    @property
+    def kv_block_bytes(self) -> int:
+        """Device bytes of one KV block (all layers, K and V): the budget's unit for KV."""
+        ...
+
+    @property
+    def adapter_row_bytes(self) -> int:
+        """Device bytes of one rank row of an adapter across all layers and target modules."""
+        ...
+
     def read_adapter(self, name: str, path: str) -> Any:
         """Validate an adapter against the model and read it into host memory.
 
@@ -32,7 +42,14 @@ class Executor(Protocol):
     def unregister_adapter(self, name: str) -> None: ...
 
     def load_adapter(self, name: str, row: int) -> None:
-        """Copy a registered adapter into device pool rows starting at `row`."""
+        """Make a registered adapter usable at pool rows `row...`; returns once it is.
+
+        If `prefetch_adapter` already started this copy, this only waits for it to finish.
+        """
+        ...
+
+    def prefetch_adapter(self, name: str, row: int) -> None:
+        """Start copying an adapter into pool rows `row...` without waiting (overlaps compute)."""
         ...
 
     def evict_adapter(self, name: str) -> None: ...

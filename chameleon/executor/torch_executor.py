@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from chameleon.adapter_info import AdapterInfo
-from chameleon.errors import AdapterNotFoundError
+from chameleon.errors import AdapterLoadError, AdapterNotFoundError
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter, load_peft_adapter
 from chameleon.lora.pool import LoRAPool
@@ -36,13 +39,23 @@ class TorchExecutor:
         max_lora_rank: int,
         lora_pool_rows: int,
         lora_backend: Backend,
+        max_cpu_adapters: int | None = None,
     ) -> None:
         self.model, self.spec = model, spec
         self.device, self.dtype = device, dtype
         self.max_lora_rank, self.lora_backend = max_lora_rank, lora_backend
         self.base_spec = base_model_spec(spec, dtype)
         self.lora_pool = LoRAPool(self.base_spec, lora_pool_rows, device=device, dtype=dtype)
-        self.host_adapters: dict[str, LoRAAdapter] = {}
+        # Host tier: at most max_cpu_adapters in RAM (LRU); the rest are re-read from disk on demand.
+        self.max_cpu_adapters = max_cpu_adapters
+        self.host_adapters: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._sources: dict[str, tuple[str, str]] = {}  # name -> (path, content hash)
+        self._host_lock = threading.Lock()
+        self.host_reloads = 0
+        # Prefetch copies run here, overlapped with the model (a side stream on CUDA).
+        self._copier: ThreadPoolExecutor | None = None
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending: dict[str, Future[None]] = {}
         self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
         slots = num_kv_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
@@ -63,15 +76,23 @@ class TorchExecutor:
     def adapter_pool_rows(self) -> int:
         return self.lora_pool.capacity_rows
 
+    @property
+    def kv_block_bytes(self) -> int:
+        return kv_bytes_per_token(self.spec, self.dtype) * self._block_size
+
+    @property
+    def adapter_row_bytes(self) -> int:
+        return self.lora_pool.bytes_per_row
+
     # --- adapters ---------------------------------------------------------------------------------
 
     def read_adapter(self, name: str, path: str) -> LoRAAdapter:
         return load_peft_adapter(name, Path(path), self.base_spec, max_lora_rank=self.max_lora_rank, dtype=self.dtype)
 
     def register_adapter(self, adapter: LoRAAdapter) -> AdapterInfo:
-        if self.device.type == "cuda":  # pinned host memory makes the host->device copy async
-            adapter = _pin(adapter)
-        self.host_adapters[adapter.name] = adapter
+        with self._host_lock:
+            self._sources[adapter.name] = (adapter.path, adapter.content_hash)
+            self._keep_in_host(adapter)
         return AdapterInfo(
             name=adapter.name,
             path=adapter.path,
@@ -79,21 +100,66 @@ class TorchExecutor:
             max_rank=adapter.max_rank,
             target_modules=adapter.target_modules,
             host_bytes=adapter.nbytes,
-            device_bytes=adapter.max_rank * self.lora_pool.bytes_per_row,
+            device_bytes=adapter.max_rank * self.adapter_row_bytes,
             content_hash=adapter.content_hash,
         )
 
     def unregister_adapter(self, name: str) -> None:
-        self.lora_pool.evict(name)
-        self.host_adapters.pop(name, None)
+        self.evict_adapter(name)
+        with self._host_lock:
+            self.host_adapters.pop(name, None)
+            self._sources.pop(name, None)
 
     def load_adapter(self, name: str, row: int) -> None:
-        if name not in self.host_adapters:
-            raise AdapterNotFoundError(f"adapter {name!r} is not in host memory")
-        self.lora_pool.load(self.host_adapters[name], row)
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            pending.result()  # prefetched: wait for what is left of the copy
+        else:
+            self._copy(name, row)
+
+    def prefetch_adapter(self, name: str, row: int) -> None:
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chameleon-adapter-copy")
+        self._pending[name] = self._copier.submit(self._copy, name, row)
 
     def evict_adapter(self, name: str) -> None:
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            pending.exception()  # its rows are about to be reused: let the copy finish first
         self.lora_pool.evict(name)
+
+    def _copy(self, name: str, row: int) -> None:
+        adapter = self._host_adapter(name)
+        if self._copy_stream is None:
+            self.lora_pool.load(adapter, row)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self.lora_pool.load(adapter, row)
+        self._copy_stream.synchronize()
+
+    def _host_adapter(self, name: str) -> LoRAAdapter:
+        with self._host_lock:
+            if name in self.host_adapters:
+                self.host_adapters.move_to_end(name)
+                return self.host_adapters[name]
+            if name not in self._sources:
+                raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+            path, content_hash = self._sources[name]
+        adapter = self.read_adapter(name, path)  # outside the lock: disk reads are slow
+        if adapter.content_hash != content_hash:
+            raise AdapterLoadError(f"adapter {name!r}: the files at {path} changed since it was registered")
+        with self._host_lock:
+            self.host_reloads += 1
+            self._keep_in_host(adapter)
+        return adapter
+
+    def _keep_in_host(self, adapter: LoRAAdapter) -> None:
+        if self.device.type == "cuda":  # pinned host memory makes the host->device copy async
+            adapter = _pin(adapter)
+        self.host_adapters[adapter.name] = adapter
+        self.host_adapters.move_to_end(adapter.name)
+        while self.max_cpu_adapters is not None and len(self.host_adapters) > self.max_cpu_adapters:
+            self.host_adapters.popitem(last=False)
 
     # --- the iteration ----------------------------------------------------------------------------
 
@@ -104,6 +170,8 @@ class TorchExecutor:
         samplers, adapters = [], []
         # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
         items = sorted(batch.scheduled, key=lambda s: self._adapter_order(s.request.adapter))
+        for name in {s.request.adapter for s in items} & self._pending.keys():
+            self._pending.pop(name).result()  # a prefetched adapter this batch needs must be complete
         for item in items:
             req, n = item.request, item.num_new_tokens
             start = req.num_computed_tokens
