@@ -169,6 +169,11 @@ class AdapterCache:
         """A waiting request that needs `name` arrived (+1) or left the queue (-1)."""
         self.entry(name).queued += delta
 
+    def can_acquire(self, name: str, now: float) -> bool:
+        """True if `name` is resident or could be made resident by evicting idle adapters."""
+        entry = self.entry(name)
+        return entry.resident or self._plan(entry, now, protect_queued=False) is not None
+
     def acquire(self, name: str, now: float) -> Acquired | None:
         """Take a reference for a request about to run; None if it cannot fit right now."""
         entry = self.entry(name)

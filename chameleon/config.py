@@ -7,11 +7,12 @@ from typing import Literal
 import attrs
 
 from chameleon.errors import ConfigError
+from chameleon.policies.options import SchedulerOptions
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
-SchedulerName = Literal["fifo"]
+SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq"]
 AdapterCacheName = Literal["chameleon", "lru", "slora"]
 
 _MiB = 1 << 20
@@ -48,7 +49,8 @@ class EngineConfig:
     num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)
     max_num_seqs: int = attrs.field(default=128, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
-    scheduler: SchedulerName = attrs.field(default="fifo", validator=_one_of("fifo"))
+    scheduler: SchedulerName = attrs.field(default="chameleon", validator=_one_of("chameleon", "fifo", "sjf", "mlfq"))
+    scheduler_options: SchedulerOptions = attrs.field(factory=SchedulerOptions)
     # Adapters. Device memory for adapters is a pool of max_loras * max_lora_rank rank rows; any mix
     # of adapters whose ranks add up to that can be resident at once (no padding to the max rank).
     max_loras: int = attrs.field(default=8, validator=_positive)

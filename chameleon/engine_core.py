@@ -29,7 +29,7 @@ from chameleon.errors import (
 from chameleon.executor.base import Executor
 from chameleon.memory import MemoryBudget
 from chameleon.outputs import FinishReason, RequestOutput
-from chameleon.policies import make_policy
+from chameleon.policies import SchedulerOptions, make_policy
 from chameleon.request import Request
 from chameleon.sampling_params import SamplingParams
 from chameleon.scheduler import Scheduler, SchedulerOutput
@@ -56,6 +56,10 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int
     num_finished: int
+    num_policy_preemptions: int = 0
+    swapped_out_bytes: int = 0
+    swapped_in_bytes: int = 0
+    scheduler_metrics: dict[str, Any] = attrs.field(factory=dict)
     adapters_registered: int = 0
     adapters_resident: int = 0
     adapter_resident_bytes: int = 0
@@ -87,6 +91,7 @@ class EngineCore:
         limits: CoreLimits,
         *,
         scheduler: str = "fifo",
+        scheduler_options: SchedulerOptions | None = None,
         adapter_cache: CachePolicyName = "chameleon",
         memory: MemoryBudget | None = None,
         prefetch_depth: int = 8,
@@ -112,16 +117,16 @@ class EngineCore:
         self.adapter_load_critical_s = 0.0  # time the iteration waited for adapter copies
         self.adapters: dict[str, AdapterInfo] = {}
         self.scheduler = Scheduler(
-            make_policy(scheduler),
+            make_policy(scheduler, scheduler_options),
             self.blocks,
             self.adapter_cache,
             max_num_seqs=limits.max_num_seqs,
             max_num_batched_tokens=limits.max_num_batched_tokens,
+            max_model_len=limits.max_model_len,
             prefetch_depth=prefetch_depth,
         )
         self.requests: dict[str, Request] = {}
         self._seed_rng = torch.Generator().manual_seed(seed)
-        self._num_preemptions = 0
         self._num_finished = 0
 
     # --- intake ---------------------------------------------------------------------------
@@ -240,8 +245,8 @@ class EngineCore:
         now = self.clock.now()
         likely = self.arrival_predictor.likely(now) if self.arrival_predictor is not None else ()
         batch = self.scheduler.schedule(now, likely)
-        self._num_preemptions += len(batch.preempted)
         try:
+            self._move_kv(batch)
             self._move_adapters(batch)
             if not batch:
                 return []
@@ -254,7 +259,16 @@ class EngineCore:
                 self.adapter_cache.drop(load.name)
                 self.executor.evict_adapter(load.name)
             return outputs
+        self.scheduler.iteration_done(batch.scheduled, self.clock.now() - now, self.clock.now())
         return self._process(batch, sampled)
+
+    def _move_kv(self, batch: SchedulerOutput) -> None:
+        for swap in batch.swap_out:  # first: the blocks may belong to someone else this iteration
+            self.executor.swap_out(swap.request_id, swap.block_ids)
+        for request_id in batch.swap_drop:
+            self.executor.drop_swapped(request_id)
+        for swap in batch.swap_in:
+            self.executor.swap_in(swap.request_id, swap.block_ids)
 
     def _move_adapters(self, batch: SchedulerOutput) -> None:
         for name in batch.adapter_evictions:
@@ -322,7 +336,7 @@ class EngineCore:
         error: str | None = None,
     ) -> RequestOutput:
         now = self.clock.now()
-        self.scheduler.finish(request, now)
+        self.scheduler.finish(request, now, completed=reason != "abort")
         request.finish_reason = reason
         request.finish_time = now
         del self.requests[request.request_id]
@@ -349,7 +363,11 @@ class EngineCore:
             waiting=self.scheduler.num_waiting,
             kv_blocks_in_use=self.blocks.num_in_use,
             kv_blocks_total=self.blocks.num_blocks,
-            num_preemptions=self._num_preemptions,
+            num_preemptions=self.scheduler.stats.preemptions,
+            num_policy_preemptions=self.scheduler.stats.policy_preemptions,
+            swapped_out_bytes=self.scheduler.stats.swapped_out_bytes,
+            swapped_in_bytes=self.scheduler.stats.swapped_in_bytes,
+            scheduler_metrics=self.scheduler.policy.metrics(),
             num_finished=self._num_finished,
             adapters_registered=len(self.adapters),
             adapters_resident=len(self.adapter_cache.resident()),

@@ -133,6 +133,7 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
         executor,
         limits,
         scheduler=config.scheduler,
+        scheduler_options=config.scheduler_options,
         adapter_cache=config.adapter_cache,
         memory=memory,
         prefetch_depth=config.adapter_prefetch_depth,

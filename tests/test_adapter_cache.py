@@ -277,3 +277,15 @@ def test_budget_invariant_and_references_return_to_zero(
     stats = core.stats()
     assert stats.adapter_ref_count == 0 and stats.kv_blocks_in_use == 0 and stats.waiting == 0
     assert all(e.queued == 0 for e in core.adapter_cache.entries.values())
+
+
+def test_can_acquire_has_no_side_effects() -> None:
+    c = cache(rows=16, budget_rows=16)
+    for name in ("a", "b", "c"):
+        c.register(name, 8)
+    use(c, "a", 0.0)
+    assert c.acquire("b", 1.0) is not None  # running
+    assert c.can_acquire("c", 2.0)  # by evicting idle "a"
+    assert c.entries["a"].resident and c.stats.evictions == 0
+    c.acquire("a", 3.0)
+    assert not c.can_acquire("c", 4.0)  # both running now

@@ -65,7 +65,7 @@ def test_chunked_prefill_and_decode_share_a_step(tiny_llama: Path) -> None:
 
 
 def test_fifo_admission_order_and_max_num_seqs(tiny_llama: Path) -> None:
-    core = build_core(tiny_llama, EngineConfig(dtype="float32", max_num_seqs=2))
+    core = build_core(tiny_llama, EngineConfig(dtype="float32", scheduler="fifo", max_num_seqs=2))
     for i in range(4):
         core.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
     core.step()

@@ -12,6 +12,7 @@ import torch
 from chameleon import EngineConfig, SamplingParams
 from chameleon.engine_core import EngineCore
 from chameleon.factory import build_core
+from chameleon.policies import SchedulerOptions
 from tests.conftest import save_tiny_model
 
 
@@ -60,17 +61,26 @@ def workload(vocab: int, n: int = 20, seed: int = 0) -> tuple[list[list[int]], l
         EngineConfig(dtype="float32"),
         # A small token budget forces chunked prefill mixed with decodes in the same step.
         EngineConfig(dtype="float32", max_num_batched_tokens=24, block_size=4),
-        # A KV cache too small for everyone forces preemption and recomputation.
-        EngineConfig(dtype="float32", num_kv_blocks=40, block_size=4, max_model_len=160),
+        # A KV cache too small for everyone forces preemption and recomputation (FIFO overcommits).
+        EngineConfig(dtype="float32", scheduler="fifo", num_kv_blocks=40, block_size=4, max_model_len=160),
+        # Chameleon's quotas avoid overcommitting when predictions are right; a predictor that is
+        # always wrong makes it overcommit, so its victims get preempted too.
+        EngineConfig(
+            dtype="float32",
+            num_kv_blocks=40,
+            block_size=4,
+            max_model_len=160,
+            scheduler_options=SchedulerOptions(predictor="noisy-oracle", predictor_accuracy=0.0),
+        ),
     ],
-    ids=["default", "chunked", "preempting"],
+    ids=["default", "chunked", "preempting-fifo", "preempting-chameleon"],
 )
 def test_greedy_matches_transformers(arch: str, config: EngineConfig, request: Any) -> None:
     path = request.getfixturevalue(f"tiny_{arch}")
     core = build_core(path, config)
     prompts, max_tokens = workload(core.limits.vocab_size)
     expected = hf_greedy(path, prompts, max_tokens)
-    got = run_core(core, prompts, max_tokens, stagger=3)
+    got = run_core(core, prompts, max_tokens, stagger=0 if config.num_kv_blocks else 3)
     assert got == expected
     assert core.stats().kv_blocks_in_use == 0
     if config.num_kv_blocks == 40:

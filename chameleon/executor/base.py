@@ -54,6 +54,18 @@ class Executor(Protocol):
 
     def evict_adapter(self, name: str) -> None: ...
 
+    def swap_out(self, request_id: str, block_ids: tuple[int, ...]) -> None:
+        """Copy these KV blocks (all layers) to host memory, kept under `request_id`."""
+        ...
+
+    def swap_in(self, request_id: str, block_ids: tuple[int, ...]) -> None:
+        """Copy `request_id`'s swapped KV back into these (new) blocks and forget the host copy."""
+        ...
+
+    def drop_swapped(self, request_id: str) -> None:
+        """Forget a host copy that will never be swapped in (the request was aborted)."""
+        ...
+
     def execute(self, batch: SchedulerOutput) -> list[int]:
         """Run one iteration; return one sampled token per scheduled request that samples, in order."""
         ...

@@ -56,6 +56,7 @@ class TorchExecutor:
         self._copier: ThreadPoolExecutor | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: dict[str, Future[None]] = {}
+        self._swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # request -> per layer K, V
         self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
         slots = num_kv_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
@@ -90,6 +91,7 @@ class TorchExecutor:
         return load_peft_adapter(name, Path(path), self.base_spec, max_lora_rank=self.max_lora_rank, dtype=self.dtype)
 
     def register_adapter(self, adapter: LoRAAdapter) -> AdapterInfo:
+        self.lora_pool.allocate()
         with self._host_lock:
             self._sources[adapter.name] = (adapter.path, adapter.content_hash)
             self._keep_in_host(adapter)
@@ -160,6 +162,30 @@ class TorchExecutor:
         self.host_adapters.move_to_end(adapter.name)
         while self.max_cpu_adapters is not None and len(self.host_adapters) > self.max_cpu_adapters:
             self.host_adapters.popitem(last=False)
+
+    # --- KV swapping (preemptive schedulers) -----------------------------------------------------
+
+    def _slots(self, block_ids: tuple[int, ...]) -> torch.Tensor:
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return (blocks[:, None] * self._block_size + torch.arange(self._block_size, device=self.device)).flatten()
+
+    def swap_out(self, request_id: str, block_ids: tuple[int, ...]) -> None:
+        slots = self._slots(block_ids)
+        pin = self.device.type == "cuda"
+        host = []
+        for k, v in self.kv_caches:
+            hk, hv = k[slots].to("cpu"), v[slots].to("cpu")
+            host.append((hk.pin_memory(), hv.pin_memory()) if pin else (hk, hv))
+        self._swapped[request_id] = host
+
+    def swap_in(self, request_id: str, block_ids: tuple[int, ...]) -> None:
+        slots = self._slots(block_ids)
+        for (k, v), (hk, hv) in zip(self.kv_caches, self._swapped.pop(request_id), strict=True):
+            k.index_copy_(0, slots, hk.to(self.device, non_blocking=True))
+            v.index_copy_(0, slots, hv.to(self.device, non_blocking=True))
+
+    def drop_swapped(self, request_id: str) -> None:
+        self._swapped.pop(request_id, None)
 
     # --- the iteration ----------------------------------------------------------------------------
 

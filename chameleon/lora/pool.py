@@ -28,8 +28,11 @@ class LoRAPool:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return elem * self.base.num_layers * sum(i + o for i, o in self.base.module_shapes.values())
 
-    def _allocate(self) -> None:
-        # Lazily: an engine that never sees an adapter never pays for the pools.
+    def allocate(self) -> None:
+        """Create the pools (at the first adapter registration: an engine that never sees an
+        adapter never pays for them, and the first load does not pay on the critical path)."""
+        if self._a:
+            return
         for _ in range(self.base.num_layers):
             shapes = self.base.module_shapes
             kw = dict(device=self.device, dtype=self.dtype)
@@ -37,8 +40,7 @@ class LoRAPool:
             self._b.append({m: torch.zeros(self.capacity_rows, shapes[m][1], **kw) for m in TARGET_MODULES})
 
     def load(self, adapter: LoRAAdapter, row: int) -> None:
-        if not self._a:
-            self._allocate()
+        self.allocate()
         rows = slice(row, row + adapter.max_rank)
         for layer in range(self.base.num_layers):
             for module in TARGET_MODULES:

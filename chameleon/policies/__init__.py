@@ -1,13 +1,39 @@
-"""Scheduling policies. Each one lives in its own file behind the `AdmissionPolicy` protocol."""
+"""Scheduling policies, one per file behind the `AdmissionPolicy` protocol (see `base.py`)."""
 
-from chameleon.policies.base import AdmissionPolicy
+from __future__ import annotations
+
+from chameleon.policies.base import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.policies.fifo import FifoPolicy
+from chameleon.policies.options import SchedulerOptions
+from chameleon.predictors import OutputLengthPredictor, make_predictor
+
+SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq")
 
 
-def make_policy(name: str) -> AdmissionPolicy:
+def make_policy(name: str, options: SchedulerOptions | None = None) -> AdmissionPolicy:
+    options = options or SchedulerOptions()
     if name == "fifo":
         return FifoPolicy()
-    raise ValueError(f"unknown scheduler policy {name!r}")
+    predictor = _predictor(options)
+    if name == "sjf":
+        from chameleon.policies.sjf import SjfPolicy
+
+        return SjfPolicy(predictor)
+    if name == "chameleon":
+        from chameleon.policies.mlq import MLQPolicy
+
+        return MLQPolicy(predictor, options)
+    if name == "mlfq":
+        from chameleon.policies.mlfq import MLFQPolicy
+
+        return MLFQPolicy(options)
+    raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
 
 
-__all__ = ["AdmissionPolicy", "FifoPolicy", "make_policy"]
+def _predictor(options: SchedulerOptions) -> OutputLengthPredictor:
+    if options.predictor == "noisy-oracle":
+        return make_predictor("noisy-oracle", accuracy=options.predictor_accuracy, seed=options.seed)
+    return make_predictor(options.predictor)
+
+
+__all__ = ["SCHEDULERS", "AdmissionPolicy", "FifoPolicy", "PolicyBase", "SchedulerOptions", "SchedulingView", "make_policy"]

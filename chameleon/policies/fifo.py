@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
+from chameleon.policies.base import PolicyBase
 from chameleon.request import Request
 
 
-class FifoPolicy:
+class FifoPolicy(PolicyBase):
     def __init__(self) -> None:
         self._queue: deque[Request] = deque()
+        self._admitted = 0
+        self._queue_time = 0.0
 
     def add(self, request: Request, now: float) -> None:
         self._queue.append(request)
@@ -22,14 +26,21 @@ class FifoPolicy:
         self._queue.remove(request)
 
     def candidates(self, now: float) -> Iterator[Request]:
-        # A snapshot, because the scheduler admits (and we remove) while it walks.
-        return iter(list(self._queue))
+        # Walk by index, not over a copy: the scheduler admits (and we remove) as it goes.
+        i = 0
+        while i < len(self._queue):
+            request = self._queue[i]
+            yield request
+            if i < len(self._queue) and self._queue[i] is request:  # not admitted: look further
+                i += 1
 
     def admitted(self, request: Request, now: float) -> None:
         self._queue.remove(request)
+        self._admitted += 1
+        self._queue_time += now - request.arrival_time
 
-    def finished(self, request: Request, now: float) -> None:
-        pass
+    def metrics(self) -> dict[str, Any]:
+        return {"admissions": self._admitted, "queue_time_s": self._queue_time, "waiting": len(self._queue)}
 
     def __len__(self) -> int:
         return len(self._queue)

@@ -1,0 +1,531 @@
+"""Chameleon's quota-based multi-level queue (paper §4.3) behind the `AdmissionPolicy` interface.
+
+The arithmetic (WRS, K-means cut-offs, M/M/1 quotas, the quota ledger, load estimators) lives in
+`chameleon.mlq`; this module applies it to the requests the scheduler hands us. Every rule and
+estimate it uses:
+
+Sizing a request (on `add`)
+---------------------------
+* Its output length is predicted once (`prediction.predict`, stored in `predicted_output_len`).
+* WRS is the paper's formula (`mlq.weighted_request_size`) with `max_input = max_output =
+  view.max_model_len` and adapter size = `view.adapter_rank(name) / view.max_adapter_rank()`.
+  Base-model requests are sized like the smallest adapter (mlq.py's rule). The view does not name
+  the smallest registered rank, so we use the smallest rank among the adapter requests seen so far,
+  or the largest registered rank before any (factor 1: sizes are then purely length-based). With no
+  adapter registered at all the factor is 1. WRS is computed at arrival and kept.
+* The WRS goes into a window of recent values (`MLQConfig.wrs_window`) for the next layout refresh.
+* Quota cost (tokens) = `mlq.request_tokens(prompt, max(predicted, generated so far), adapter)`,
+  where the adapter's memory is `view.adapter_token_cost(adapter)` KV-token equivalents (taken at
+  arrival), always charged so the scheduler and the adapter cache agree on what fits.
+  A cost larger than its queue's whole quota is charged that whole quota instead: such a request
+  runs when its queue holds nothing else, rather than never.
+
+Queues, refresh
+---------------
+* Queue i holds the requests whose WRS falls in the i-th interval of the current `QueueLayout`
+  (queue 0: the smallest). FIFO within a queue, by (arrival time, order of `add`); a preempted or
+  squashed request goes back to its place by arrival time, not to the tail.
+* Until the first refresh there is one queue whose quota is the whole KV cache.
+* Every `options.refresh_period_s` of clock time (the `now` values we are given; the period starts
+  at the first one seen) the layout is refitted on the WRS window (`MLQConfig.fit_layout`: exact
+  K-means, K <= `options.k_max` by the silhouette rule), every tracked request (waiting or running)
+  is re-placed by its WRS, the per-queue load estimators are rebuilt by replaying the arrivals and
+  service times of the last `rate_window_s` under the new layout, and the ledger is `reset` with new
+  quotas (in-flight charges move in full to their request's new queue). `apply_layout(layout,
+  quotas)` is that last step alone, for tests and experiments that impose a layout.
+* Quotas: `mlq.assign_quotas(view.kv_capacity_tokens, stats, slo_s=options.slo_ttft_s)`: each queue
+  gets at least its M/M/1 minimum `S·D·(1/SLO + λ)` (S: largest request cost that arrived in the
+  window, D: mean service time = finish - first scheduling of its requests that completed, λ: its
+  arrival rate), and the leftover is shared by demand = the costs of the queue's waiting and running
+  requests at refresh time.
+* Clock values are made monotonic (`max` of all `now` seen) before they reach the estimators: the
+  engine passes a request's own arrival time to `add`, which a caller may set in the past.
+
+Batch formation (`candidates`)
+------------------------------
+* Phase 1 walks queues smallest to largest, FIFO within each. A request is offered only after its
+  cost is taken from its own queue's quota (`QuotaLedger.try_take`). If the scheduler calls
+  `admitted` for it before pulling the next candidate, the take stands; otherwise (memory-blocked,
+  budget exhausted, generator closed) it is given back at once (a try/finally in the generator).
+  A queue's walk stops at its first request that is not admitted: if it was stopped by its quota,
+  the queue goes on in phase 2; if it was refused by the mechanism (memory), the queue is done for
+  this iteration (FIFO inside a queue). Other queues are never blocked: `skip_blocked` is True.
+* Phase 2 walks the quota-stopped queues again, smallest first, FIFO, and spends leftover: a request
+  may borrow (`try_take_leftover`) the remaining quota of every queue with nothing waiting, and what
+  its own queue has left, in that order. It stops a queue at its first request that does not get in.
+* Each queue admits from its own quota every iteration, so no queue starves: a request waits at most
+  for the in-flight requests of its own queue (and loans taken from it while it was idle) to finish.
+* Only one walk may be open at a time (the scheduler closes each before opening the next).
+* Consequence of the rules above: a walk in which nothing is admitted (the scheduler's adapter
+  prefetch look-ahead) sees at most each queue's head (or its bypassers), the requests next in line.
+* A request admitted outside a walk (never done by the scheduler) is charged what its queue has left.
+
+Opportunistic bypass (when `options.bypass`)
+-------------------------------------------
+* Condition: a queue's head fits its quota, has an adapter, and `view.adapter_available(adapter,
+  now)` is False (it cannot fit even after evicting every idle adapter). The head is then not
+  offered; up to `BYPASS_SCAN` younger requests of the same queue are considered, in FIFO order.
+  A candidate may go first if its adapter is available (or it has none) and it is predicted to
+  finish before memory for the head frees. Each bypasser must fit the queue's quota; the scan stops
+  at the first that does not, or that the mechanism refuses.
+* Estimate of "memory frees": when the running request holding an adapter with the fewest predicted
+  remaining tokens finishes; predicted remaining tokens = `predicted_output_len - len(output)`
+  (floored at 0). If no running request holds an adapter, over all running requests (the adapter is
+  then crowded out by KV); with nothing running, no bypass. The bypasser's predicted tokens are its
+  own `predicted_output_len - len(output)` (its whole prediction for a fresh request). Both count
+  decode iterations (one token each), so they compare directly; a bypass needs strictly fewer.
+* The admitted bypasser is marked with the head it bypassed. Squash: in `preemptions(now)`, any
+  running bypasser whose head still waits and whose head's adapter is now available (memory freed
+  before the bypasser finished) is returned for preemption and counted. The mechanism preempts by
+  recompute (`swap_preempted = False`): the bypasser's output tokens are kept and its KV is
+  recomputed from prompt + output when it runs again; sampling state lives in the request's
+  generator, not in the KV, so re-execution yields the same tokens as an uninterrupted run.
+  A mark is cleared when the bypasser leaves running or its head is admitted or aborted.
+
+Victim when KV runs short
+-------------------------
+The running request of the largest queue (highest index) with the most predicted remaining tokens;
+ties go to the latest admission. It is the request that would be needed latest and whose quota share
+is the largest, and the small requests the scheduler favours keep running.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+
+from chameleon.mlq import (
+    ArrivalRateEstimator,
+    MLQConfig,
+    QueueLayout,
+    QuotaLedger,
+    assign_quotas,
+    request_tokens,
+    weighted_request_size,
+)
+from chameleon.policies.base import PolicyBase, SchedulingView
+from chameleon.policies.options import SchedulerOptions
+from chameleon.policies.prediction import observe, predict
+from chameleon.predictors import OutputLengthPredictor
+from chameleon.request import Request
+
+__all__ = ["BYPASS_SCAN", "MLQPolicy"]
+
+BYPASS_SCAN = 64  # younger requests of a blocked head's queue considered as bypassers
+
+
+def remaining_predicted(request: Request) -> int:
+    """Predicted decode tokens still to come (0 when unknown or already exceeded)."""
+    return max(0, (request.predicted_output_len or 0) - len(request.output_token_ids))
+
+
+@attrs.define(eq=False)
+class _Entry:
+    """What the policy keeps about one request, from `add` until it finishes or is aborted."""
+
+    request: Request
+    wrs: float
+    adapter_tokens: int  # the adapter's memory in KV tokens, at arrival
+    key: tuple[float, int]  # FIFO order inside a queue: (arrival time, add order)
+    queue: int
+    enqueued_at: float  # arrival or the latest requeue (queueing time)
+    waiting: bool = True
+    bypassed: _Entry | None = None  # the blocked head this request went ahead of
+
+    @property
+    def rid(self) -> str:
+        return self.request.request_id
+
+    def cost(self) -> int:
+        r = self.request
+        output = max(r.predicted_output_len or 0, len(r.output_token_ids))
+        return request_tokens(len(r.prompt_token_ids), output, self.adapter_tokens, kv_bytes_per_token=1)
+
+
+@attrs.define
+class _QueueCounters:
+    arrivals: int = 0
+    admissions: int = 0
+    leftover_admissions: int = 0  # phase-2 admissions (borrowed leftover quota)
+    queue_time_s: float = 0.0
+
+
+@attrs.frozen
+class _Offer:
+    entry: _Entry
+    leftover: bool
+    bypassed: _Entry | None
+
+
+class _Outcome(enum.Enum):
+    NO_QUOTA = "no-quota"
+    ADMITTED = "admitted"
+    REFUSED = "refused"
+
+
+class MLQPolicy(PolicyBase):
+    """Chameleon's MLQ (module docstring)."""
+
+    swap_preempted = False
+
+    def __init__(self, predictor: OutputLengthPredictor, options: SchedulerOptions | None = None) -> None:
+        self.predictor = predictor
+        self.options = options or SchedulerOptions()
+        self.config = MLQConfig(
+            k_max=self.options.k_max,
+            refresh_period_s=self.options.refresh_period_s,
+            slo_ttft_s=self.options.slo_ttft_s,
+        )
+        self.layout = QueueLayout()
+        self.ledger = QuotaLedger([0])
+        self._entries: dict[str, _Entry] = {}
+        self._queues: list[list[_Entry]] = [[]]
+        self._left: dict[str, _Entry] = {}  # left running, not (yet) requeued or completed
+        self._bypassers: dict[str, _Entry] = {}
+        self._offer: _Offer | None = None
+        self._wrs_window: deque[float] = deque(maxlen=self.config.wrs_window)
+        self._events: deque[tuple[float, float, float, bool]] = deque()  # (t, wrs, tokens|service, arrival?)
+        self._estimators: list[ArrivalRateEstimator] = []
+        self._estimator_layout = self.layout  # the layout the estimators classify by
+        self._counters: list[_QueueCounters] = [_QueueCounters()]
+        self._order = itertools.count()
+        self._min_rank_seen: int | None = None
+        self._start: float | None = None
+        self._now = float("-inf")
+        self._next_refresh = float("inf")
+        self.bypasses = 0
+        self.squashes = 0
+        self.refreshes = 0
+
+    def bind(self, view: SchedulingView) -> None:
+        super().bind(view)
+        self.ledger = QuotaLedger([view.kv_capacity_tokens])
+
+    # --- arrivals and departures -------------------------------------------------------------
+
+    def add(self, request: Request, now: float) -> None:
+        now = self._tick(now)
+        predict(self.predictor, request)
+        wrs = self._wrs(request)
+        queue = self.layout.queue_of(wrs)
+        entry = _Entry(
+            request=request,
+            wrs=wrs,
+            adapter_tokens=self.view.adapter_token_cost(request.adapter),
+            key=(request.arrival_time, next(self._order)),
+            queue=queue,
+            enqueued_at=now,
+        )
+        self._entries[request.request_id] = entry
+        self._insert(entry)
+        self._wrs_window.append(wrs)
+        self._log(now, wrs, entry.cost(), arrival=True)
+        self._estimators[queue].record_arrival(now, entry.cost())
+        self._counters[queue].arrivals += 1
+
+    def requeue(self, request: Request, now: float) -> None:
+        entry = self._left.pop(request.request_id, None) or self._entries[request.request_id]
+        entry.queue = self.layout.queue_of(entry.wrs)
+        entry.enqueued_at = now
+        entry.waiting = True
+        self._insert(entry)
+
+    def remove(self, request: Request) -> None:
+        entry = self._entries.pop(request.request_id, None)
+        if entry is not None and entry.waiting:
+            self._unlink(entry)
+            entry.waiting = False
+
+    def admitted(self, request: Request, now: float) -> None:
+        entry = self._entries[request.request_id]
+        offer, self._offer = self._offer, None
+        if offer is None or offer.entry is not entry:  # outside a walk: charge what is left
+            self.ledger.try_take(entry.queue, min(entry.cost(), self.ledger.remaining(entry.queue)), entry.rid)
+            offer = _Offer(entry, leftover=False, bypassed=None)
+        self._unlink(entry)
+        entry.waiting = False
+        counters = self._counters[entry.queue]
+        counters.admissions += 1
+        counters.leftover_admissions += offer.leftover
+        counters.queue_time_s += max(0.0, now - entry.enqueued_at)
+        if offer.bypassed is not None:
+            entry.bypassed = offer.bypassed
+            self._bypassers[entry.rid] = entry
+            self.bypasses += 1
+
+    def left_running(self, request: Request, now: float) -> None:
+        if request.request_id in self.ledger.charges:
+            self.ledger.give_back(request.request_id)
+        entry = self._entries.get(request.request_id)
+        if entry is None:
+            return
+        self._bypassers.pop(entry.rid, None)
+        entry.bypassed = None
+        self._left[entry.rid] = entry
+
+    def completed(self, request: Request, now: float) -> None:
+        observe(self.predictor, request)
+        entry = self._left.pop(request.request_id, None)
+        self._entries.pop(request.request_id, None)
+        if entry is None:
+            return
+        now = self._tick(now)
+        started = request.first_scheduled_time
+        service = max(0.0, now - started) if started is not None else 0.0
+        self._log(now, entry.wrs, service, arrival=False)
+        self._estimators[min(entry.queue, len(self._estimators) - 1)].record_service(now, service)
+
+    # --- each iteration ----------------------------------------------------------------------
+
+    def preemptions(self, now: float) -> list[Request]:
+        now = self._tick(now)
+        for rid in list(self._left):  # still here: aborted while running (never requeued or completed)
+            self._entries.pop(rid, None)
+            del self._left[rid]
+        return self._squashes(now)
+
+    def candidates(self, now: float) -> Iterator[Request]:
+        now = self._tick(now)
+        spilled: list[int] = []  # queues stopped by their own quota: they go on in phase 2
+        try:
+            for q in range(self.layout.num_queues):
+                if (yield from self._phase1(q, now)):
+                    spilled.append(q)
+            for q in spilled:
+                yield from self._phase2(q)
+        finally:
+            self._withdraw()
+
+    def skip_blocked(self, request: Request) -> bool:
+        return True
+
+    def victim(self, running: Sequence[Request]) -> Request:
+        def key(item: tuple[int, Request]) -> tuple[int, int, int]:
+            position, request = item
+            entry = self._entries.get(request.request_id)
+            return (entry.queue if entry is not None else -1, remaining_predicted(request), position)
+
+        return max(enumerate(running), key=key)[1]
+
+    def metrics(self) -> dict[str, Any]:
+        queues = []
+        for q, c in enumerate(self._counters):
+            current = q < self.layout.num_queues
+            queues.append(
+                {
+                    "arrivals": c.arrivals,
+                    "admissions": c.admissions,
+                    "leftover_admissions": c.leftover_admissions,
+                    "queue_time_s": c.queue_time_s,
+                    "quota": self.ledger.quotas[q] if current else 0,
+                    "held": self.ledger.held(q) if current else 0,
+                    "waiting": len(self._queues[q]) if current else 0,
+                }
+            )
+        return {
+            "k": self.layout.num_queues,
+            "cutoffs": list(self.layout.cutoffs),
+            "queues": queues,
+            "bypasses": self.bypasses,
+            "squashes": self.squashes,
+            "refreshes": self.refreshes,
+            "waiting": len(self),
+        }
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues)
+
+    # --- the walk ----------------------------------------------------------------------------
+
+    def _phase1(self, q: int, now: float) -> Iterator[Request]:
+        """Offer queue q's requests FIFO from its own quota. Returns True if its quota stopped it."""
+        while self._queues[q]:
+            head = self._queues[q][0]
+            cost = self._charge(head)
+            if cost > self.ledger.remaining(q):
+                return True
+            if self._adapter_blocked(head, now):
+                yield from self._bypass(q, head, now)
+                return False
+            if (yield from self._try(head, cost, None, None)) is not _Outcome.ADMITTED:
+                return False
+        return False
+
+    def _phase2(self, q: int) -> Iterator[Request]:
+        """Offer queue q's requests FIFO from the leftover of idle queues (and its own remainder)."""
+        while self._queues[q]:
+            head = self._queues[q][0]
+            lenders = [i for i, waiting in enumerate(self._queues) if not waiting and i != q] + [q]
+            if (yield from self._try(head, self._charge(head), lenders, None)) is not _Outcome.ADMITTED:
+                return
+
+    def _bypass(self, q: int, head: _Entry, now: float) -> Iterator[Request]:
+        """Offer younger requests of q that should finish before memory for `head` frees."""
+        horizon = self._memory_horizon()
+        if horizon is None:
+            return
+        for entry in self._queues[q][1 : 1 + BYPASS_SCAN]:
+            if not entry.waiting or remaining_predicted(entry.request) >= horizon:
+                continue
+            if entry.request.adapter is not None and not self.view.adapter_available(entry.request.adapter, now):
+                continue
+            if (yield from self._try(entry, self._charge(entry), None, head)) is not _Outcome.ADMITTED:
+                return
+
+    def _try(self, entry: _Entry, cost: int, lenders: list[int] | None, bypassed: _Entry | None) -> Iterator[Request]:
+        """Take quota tentatively and offer the request; the take stands only if it is admitted."""
+        if lenders is None:
+            took = self.ledger.try_take(entry.queue, cost, entry.rid)
+        else:
+            took = self.ledger.try_take_leftover(entry.queue, cost, entry.rid, lenders)
+        if not took:
+            return _Outcome.NO_QUOTA
+        self._offer = _Offer(entry, leftover=lenders is not None, bypassed=bypassed)
+        yield entry.request
+        if self._offer is not None and self._offer.entry is entry:  # pulled on without admitting it
+            self._withdraw()
+            return _Outcome.REFUSED
+        return _Outcome.ADMITTED
+
+    def _withdraw(self) -> None:
+        """Give back the tentative take of an offer that was not admitted."""
+        offer, self._offer = self._offer, None
+        if offer is not None and offer.entry.rid in self.ledger.charges:
+            self.ledger.give_back(offer.entry.rid)
+
+    def _charge(self, entry: _Entry) -> int:
+        """The request's cost, capped at its queue's whole quota (module docstring)."""
+        return min(entry.cost(), self.ledger.quotas[entry.queue])
+
+    # --- bypass and squash -------------------------------------------------------------------
+
+    def _adapter_blocked(self, entry: _Entry, now: float) -> bool:
+        adapter = entry.request.adapter
+        return self.options.bypass and adapter is not None and not self.view.adapter_available(adapter, now)
+
+    def _memory_horizon(self) -> int | None:
+        """Predicted tokens until memory frees for a blocked head (module docstring), None: never."""
+        running = self.view.running
+        holders = [r for r in running if r.adapter is not None] or list(running)
+        return min((remaining_predicted(r) for r in holders), default=None)
+
+    def _squashes(self, now: float) -> list[Request]:
+        if not self._bypassers:
+            return []
+        out = []
+        running = set(map(id, self.view.running))
+        for rid, entry in list(self._bypassers.items()):
+            head = entry.bypassed
+            if head is None or not head.waiting or head.rid not in self._entries:
+                entry.bypassed = None
+                del self._bypassers[rid]
+                continue
+            adapter = head.request.adapter
+            if id(entry.request) in running and adapter is not None and self.view.adapter_available(adapter, now):
+                out.append(entry.request)
+                self.squashes += 1
+        return out
+
+    # --- sizes, layout, quotas ---------------------------------------------------------------
+
+    def _wrs(self, request: Request) -> float:
+        view = self.view
+        max_rank = view.max_adapter_rank()
+        rank = None
+        if request.adapter is not None:
+            rank = view.adapter_rank(request.adapter)
+            self._min_rank_seen = rank if self._min_rank_seen is None else min(self._min_rank_seen, rank)
+        return weighted_request_size(
+            len(request.prompt_token_ids),
+            request.predicted_output_len or 0,
+            rank,
+            max_input=view.max_model_len,
+            max_output=view.max_model_len,
+            max_adapter=max_rank if max_rank > 0 else None,
+            min_adapter=self._min_rank_seen or max_rank or None,
+            input_weight=self.config.input_weight,
+            output_weight=self.config.output_weight,
+        )
+
+    def _tick(self, now: float) -> float:
+        """Monotonic clock; starts the estimators and runs a due refresh. Returns the clock."""
+        self._now = max(self._now, now)
+        if self._start is None:
+            self._start = self._now
+            self._next_refresh = self._now + self.config.refresh_period_s
+            self._estimators = [self.config.estimator(self._start) for _ in range(self.layout.num_queues)]
+            self._estimator_layout = self.layout
+        if self._now >= self._next_refresh and self._offer is None:
+            self.refresh(self._now)
+        return self._now
+
+    def refresh(self, now: float) -> None:
+        """Refit the layout on the WRS window, then `apply_layout` with quotas from the estimators."""
+        self._next_refresh = now + self.config.refresh_period_s
+        self.refreshes += 1
+        layout = self.config.fit_layout(list(self._wrs_window)) if self._wrs_window else QueueLayout()
+        self._replay(layout, now)
+        demand = [0] * layout.num_queues
+        for entry in self._entries.values():
+            demand[layout.queue_of(entry.wrs)] += entry.cost()
+        stats = [e.stats(now, demand[q]) for q, e in enumerate(self._estimators)]
+        self.apply_layout(layout, assign_quotas(self.view.kv_capacity_tokens, stats, slo_s=self.config.slo_ttft_s))
+
+    def apply_layout(self, layout: QueueLayout, quotas: Sequence[int]) -> None:
+        """Impose a layout and its quotas: re-place every request by WRS, reset the ledger (in-flight
+        charges move in full to their request's new queue). `refresh` ends here; tests and
+        experiments may call it directly."""
+        if len(quotas) != layout.num_queues:
+            raise ValueError(f"{layout.num_queues} queues but {len(quotas)} quotas")
+        self.layout = layout
+        self._queues = [[] for _ in range(layout.num_queues)]
+        for entry in sorted(self._entries.values(), key=lambda e: e.key):
+            entry.queue = layout.queue_of(entry.wrs)
+            if entry.waiting:
+                self._queues[entry.queue].append(entry)
+        homes = {h: self._entries[h].queue for h in self.ledger.charges if h in self._entries}
+        self.ledger.reset(quotas, requeue=homes)
+        self._counters += [_QueueCounters() for _ in range(layout.num_queues - len(self._counters))]
+        if self._start is not None and self._estimator_layout != layout:
+            self._replay(layout, self._now)
+
+    def _replay(self, layout: QueueLayout, now: float) -> None:
+        """Per-queue estimators for `layout`, rebuilt from the events of the last `rate_window_s`."""
+        assert self._start is not None
+        self._estimators = [self.config.estimator(self._start) for _ in range(layout.num_queues)]
+        self._estimator_layout = layout
+        self._prune(now)
+        for t, wrs, value, arrival in self._events:
+            estimator = self._estimators[layout.queue_of(wrs)]
+            if arrival:
+                estimator.record_arrival(t, int(value))
+            else:
+                estimator.record_service(t, value)
+
+    def _log(self, t: float, wrs: float, value: float, *, arrival: bool) -> None:
+        self._events.append((t, wrs, value, arrival))
+        self._prune(t)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.config.rate_window_s
+        while self._events and self._events[0][0] <= horizon:
+            self._events.popleft()
+
+    # --- queue lists -------------------------------------------------------------------------
+
+    def _insert(self, entry: _Entry) -> None:
+        bisect.insort(self._queues[entry.queue], entry, key=lambda e: e.key)
+
+    def _unlink(self, entry: _Entry) -> None:
+        queue = self._queues[entry.queue]
+        i = bisect.bisect_left(queue, entry.key, key=lambda e: e.key)
+        if i < len(queue) and queue[i] is entry:
+            del queue[i]
+        else:  # not where its key says: should not happen, but never leave a ghost behind
+            queue.remove(entry)
