@@ -21,11 +21,14 @@ DEMO_QUESTIONS = (
 async def run_demo(model: str | None, max_tokens: int, questions: Sequence[str]) -> None:
     from chameleon import AsyncEngine, EngineConfig, SamplingParams
     from chameleon.assets import smollm2_dir
+    from chameleon.errors import ModelLoadError
 
     path = model or str(smollm2_dir())
     print(f"loading {path} ...", flush=True)
     engine = AsyncEngine.from_pretrained(path, EngineConfig())
     tok = engine.tokenizer
+    if tok is None:
+        raise ModelLoadError(f"{path}: the demo needs a tokenizer with a chat template")
     results: dict[int, str] = {}
 
     async def ask(i: int, question: str) -> None:
@@ -41,7 +44,7 @@ async def run_demo(model: str | None, max_tokens: int, questions: Sequence[str])
                 print(out.delta, end="", flush=True)
         total = time.perf_counter() - start
         decode_rate = (n - 1) / (total - first) if first is not None and n > 1 and total > first else float("nan")
-        results[i] = f"TTFT {first * 1000:.0f} ms, {n} tokens, {decode_rate:.1f} tok/s after the first"
+        results[i] = f"TTFT {(first or 0.0) * 1000:.0f} ms, {n} tokens, {decode_rate:.1f} tok/s after the first"
         if i:
             print(f"\n--- [{i}] {question}\n{text.strip()}", flush=True)
 

@@ -63,7 +63,7 @@ class IncrementalDetokenizer:
         stops = _normalize_stops(stop)
         window = _TokenWindow.create(tokenizer, prompt_token_ids, skip_special_tokens)
         hold = max((len(s) for s in stops), default=1) - 1
-        self.__attrs_init__(window, stops, include_stop_str_in_output, hold)
+        self.__attrs_init__(window, stops, include_stop_str_in_output, hold)  # type: ignore[attr-defined]
 
     @property
     def text(self) -> str:
@@ -234,9 +234,9 @@ class _TokenWindow:
 
     def _decode_ids(self, ids: list[int]) -> str:
         # No clean-up: it rewrites spaces across token boundaries, so window decodes would not add up.
-        return self._tokenizer.decode(
+        return str(self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
-        )
+        ))
 
 
 _SKIPPED_IDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, frozenset[int]] = (

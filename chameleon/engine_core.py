@@ -151,7 +151,7 @@ class EngineCore:
             generator=self._generator(sampling),
         )
         if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(
+            request.detokenizer = IncrementalDetokenizer(  # type: ignore[call-arg, arg-type]  # attrs: custom __init__
                 self.tokenizer,
                 prompt,
                 stop=sampling.stop,

@@ -82,6 +82,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 from fractions import Fraction
 from types import MappingProxyType
 
@@ -579,7 +580,7 @@ class QuotaLedger:
             self._held[q] -= tokens
         return charge
 
-    def reset(self, quotas: Sequence[int], *, requeue: Mapping[Hashable, int] | None = None) -> None:
+    def reset(self, quotas: Sequence[int], *, requeue: Mapping[Any, int] | None = None) -> None:
         """New quotas (possibly a new number of queues); in-flight charges carry over (module docstring)."""
         quotas = tuple(quotas)
         if not quotas or any(not isinstance(q, int) or q < 0 for q in quotas):

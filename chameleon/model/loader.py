@@ -82,14 +82,19 @@ class _Filler:
 
     def _target(self, name: str) -> tuple[torch.Tensor, int, int] | None:
         m = self.model
-        whole = {"model.embed_tokens.weight": m.embed_tokens, "model.norm.weight": m.norm, "lm_head.weight": m.lm_head}
+        whole: dict[str, torch.Tensor | None] = {
+            "model.embed_tokens.weight": m.embed_tokens,
+            "model.norm.weight": m.norm,
+            "lm_head.weight": m.lm_head,
+        }
         if name in whole:
             param = whole[name]
             return (param, 0, param.shape[0]) if param is not None else None
         match = _LAYER_KEY.fullmatch(name)
         if match is None or int(match.group(1)) >= len(m.layers):
             return None
-        layer, rest = m.layers[int(match.group(1))], match.group(2)
+        layer: Any = m.layers[int(match.group(1))]
+        rest = match.group(2)
         if rest == "input_layernorm.weight":
             return layer.input_norm, 0, layer.input_norm.shape[0]
         if rest == "post_attention_layernorm.weight":

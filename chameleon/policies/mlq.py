@@ -95,7 +95,7 @@ import bisect
 import enum
 import itertools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -343,7 +343,7 @@ class MLQPolicy(PolicyBase):
 
     # --- the walk ----------------------------------------------------------------------------
 
-    def _phase1(self, q: int, now: float) -> Iterator[Request]:
+    def _phase1(self, q: int, now: float) -> Generator[Request, None, bool]:
         """Offer queue q's requests FIFO from its own quota. Returns True if its quota stopped it."""
         while self._queues[q]:
             head = self._queues[q][0]
@@ -357,7 +357,7 @@ class MLQPolicy(PolicyBase):
                 return False
         return False
 
-    def _phase2(self, q: int) -> Iterator[Request]:
+    def _phase2(self, q: int) -> Generator[Request, None, None]:
         """Offer queue q's requests FIFO from the leftover of idle queues (and its own remainder)."""
         while self._queues[q]:
             head = self._queues[q][0]
@@ -365,7 +365,7 @@ class MLQPolicy(PolicyBase):
             if (yield from self._try(head, self._charge(head), lenders, None)) is not _Outcome.ADMITTED:
                 return
 
-    def _bypass(self, q: int, head: _Entry, now: float) -> Iterator[Request]:
+    def _bypass(self, q: int, head: _Entry, now: float) -> Generator[Request, None, None]:
         """Offer younger requests of q that should finish before memory for `head` frees."""
         horizon = self._memory_horizon()
         if horizon is None:
@@ -378,7 +378,9 @@ class MLQPolicy(PolicyBase):
             if (yield from self._try(entry, self._charge(entry), None, head)) is not _Outcome.ADMITTED:
                 return
 
-    def _try(self, entry: _Entry, cost: int, lenders: list[int] | None, bypassed: _Entry | None) -> Iterator[Request]:
+    def _try(
+        self, entry: _Entry, cost: int, lenders: list[int] | None, bypassed: _Entry | None
+    ) -> Generator[Request, None, _Outcome]:
         """Take quota tentatively and offer the request; the take stands only if it is admitted."""
         if lenders is None:
             took = self.ledger.try_take(entry.queue, cost, entry.rid)
