@@ -82,9 +82,9 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any
 from fractions import Fraction
 from types import MappingProxyType
+from typing import Any
 
 import attrs
 import numpy as np
