@@ -1,4 +1,4 @@
-"""`chameleon` / `python -m chameleon`: the command line. Subcommands: demo."""
+"""`chameleon` / `python -m chameleon`: the command line. Subcommands: demo, bench, calibrate."""
 
 from __future__ import annotations
 
@@ -67,12 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--model", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("questions", nargs="*", help="questions to ask (default: four built-in ones)")
+    from chameleon.bench import add_bench_arguments, run_bench
+    from chameleon.calibrate import add_calibrate_arguments, run_calibrate
+
+    add_bench_arguments(
+        sub.add_parser("bench", help="serve a workload under several policies and rates (simulated GPU or real)")
+    )
+    add_calibrate_arguments(
+        sub.add_parser("calibrate", help="profile the real executor here and write a cost profile for the simulator")
+    )
     args = parser.parse_args(argv)
     from chameleon.errors import ChameleonError
 
     try:
         if args.command == "demo":
             anyio.run(run_demo, args.model, args.max_tokens, args.questions or DEMO_QUESTIONS)
+        elif args.command == "bench":
+            return run_bench(args)
+        elif args.command == "calibrate":
+            return run_calibrate(args)
     except ChameleonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,634 @@
+"""`chameleon bench`: run workloads against policies and rates, on a simulated GPU or the real engine.
+
+For each policy (a scheduler + adapter-cache pair, `chameleon.sim.runner.POLICIES`) and each rate,
+a fresh engine replays the same seeded workload open-loop (`run_workload`); the records are
+summarised with `chameleon.metrics.summarize`, the adapter hit rate comes from the engine's
+statistics (hits / (hits + misses)). Throughput at SLO per policy is the highest rate whose P99
+TTFT meets `--slo-ttft`: the given rates are scanned in order, then the gap between the last
+passing and the first failing one is bisected `--refine-steps` times (`metrics.throughput_at_slo`).
+
+Every output of a simulated run says so: the table's title, `"simulated": true` in the JSON and
+every plot title. JSON numbers that are not finite (an overloaded run's P99 TTFT is +inf, an empty
+one's NaN) are written as `null`, so the file is strict JSON.
+
+Workloads (`--workload`): `paper` (the Chameleon setup: 100 adapters = ranks 8..128 × 20, uniform
+rank, Zipf(alpha) within a rank, Poisson arrivals, lengths from the `--trace`), `slora` (S-LoRA's
+generator: power-law(alpha) over `--adapters`, Gamma arrivals with `--cv`, uniform lengths), and
+`trace` (the trace's own arrival pattern rescaled to the rate). Prompts longer than the model's
+context are clipped to `max_model_len − 1` (`--max-prompt-len` clips further), outputs to
+`--max-output-len`; the core stops a request at the context length.
+
+The real executor (`--executor real --model DIR`) runs the same driver on wall time (a warm-up
+request first). Adapters there must be real PEFT adapters: `--adapter-dir DIR` holds one adapter per
+subdirectory, and the workload's adapters are bound to them in order (cycling); without it only
+base-model workloads (`--adapters 0`) can run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from chameleon.clock import Clock, MonotonicClock
+from chameleon.engine_core import EngineCore
+from chameleon.errors import ChameleonError
+from chameleon.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
+from chameleon.policies.options import SchedulerOptions
+from chameleon.sim.cost_model import A40_LLAMA7B_CALIBRATION, GPUS, MODELS, CostProfile, get_gpu, get_model
+from chameleon.sim.runner import POLICIES, build_sim_engine, run_workload, warm_up
+from chameleon.workload import (
+    PAPER_RANKS,
+    AdapterSpec,
+    Workload,
+    paper_workload,
+    slora_adapters,
+    slora_workload,
+    trace_workload,
+)
+
+__all__ = ["add_bench_arguments", "run_bench", "main"]
+
+SIM_LABEL = "SIMULATED"
+REAL_LABEL = "REAL"
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}") from None
+    if not 1 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO < HI, got {text!r}")
+    return lo, hi
+
+
+def _policy_def(text: str) -> tuple[str, tuple[str, str]]:
+    name, sep, rest = text.partition("=")
+    scheduler, sep2, cache = rest.partition(":")
+    if not (sep and sep2 and name and scheduler and cache):
+        raise argparse.ArgumentTypeError(f"expected NAME=SCHEDULER:CACHE, got {text!r}")
+    return name, (scheduler, cache)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `chameleon bench` options (the CLI adds the subcommand, then calls `run_bench`)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--executor", choices=("sim", "real"), default="sim", help="simulated GPU or the real engine")
+    g.add_argument("--gpu", default="A40", help=f"GPU preset for --executor sim: {', '.join(GPUS)}")
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"sim: a model preset ({', '.join(MODELS)}; default llama-7b); real: a model directory",
+    )
+    g.add_argument("--profile", type=Path, help="sim: a cost profile from `chameleon calibrate` instead of a preset")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per batch (default 128)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (default 2048)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--adapter-dir", type=Path, help="real: a directory of PEFT adapters, one per subdirectory")
+    g.add_argument("--num-threads", type=int, default=None, help="real: torch threads on CPU")
+    p = parser.add_argument_group("policies and load")
+    p.add_argument("--policies", default="slora,chameleon", help=f"comma list of: {', '.join(POLICIES)}")
+    p.add_argument(
+        "--policy",
+        action="append",
+        type=_policy_def,
+        default=[],
+        metavar="NAME=SCHEDULER:CACHE",
+        help="define another policy (repeatable), e.g. fifo-lru=fifo:lru",
+    )
+    p.add_argument("--rates", type=_floats, default=[6.0, 8.0, 9.0], help="requests/s, comma list (default 6,8,9)")
+    p.add_argument(
+        "--predictor",
+        choices=("history", "oracle", "noisy-oracle"),
+        default="history",
+        help="output-length predictor of size-aware schedulers (the paper's BERT proxy is ~80%% accurate: "
+        "noisy-oracle with --predictor-accuracy 0.8)",
+    )
+    p.add_argument("--predictor-accuracy", type=float, default=0.8, help="accuracy of the noisy oracle")
+    p.add_argument("--refine-steps", type=int, default=4, help="bisection steps of the throughput-at-SLO search")
+    w = parser.add_argument_group("workload")
+    w.add_argument("--workload", choices=("paper", "slora", "trace"), default="paper")
+    w.add_argument(
+        "--trace", default="conv", help="conv | code | a CSV path (TIMESTAMP, ContextTokens, GeneratedTokens)"
+    )
+    w.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals per run (default 600)")
+    w.add_argument("--adapters", type=int, default=None, help="number of adapters (default 100; 0 = base model)")
+    w.add_argument("--alpha", type=float, default=1.0, help="adapter popularity exponent")
+    w.add_argument("--cv", type=float, default=1.0, help="slora workload: coefficient of variation of the gaps")
+    w.add_argument("--input-range", type=_int_range, default=(8, 512), help="slora workload: prompt lengths LO,HI")
+    w.add_argument("--output-range", type=_int_range, default=(8, 512), help="slora workload: output lengths LO,HI")
+    w.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (default: context − 1)")
+    w.add_argument("--max-output-len", type=int, default=None, help="clip outputs")
+    w.add_argument("--seed", type=int, default=0)
+    o = parser.add_argument_group("SLOs and output")
+    o.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO, seconds (paper: 5)")
+    o.add_argument("--slo-tbt", type=float, default=0.15, help="TBT SLO, seconds (paper: 0.15)")
+    o.add_argument("--out", type=Path, help="write results as JSON here")
+    o.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads
+# ------------------------------------------------------------------------------------------------
+
+
+def make_workload(args: argparse.Namespace, rate: float) -> Workload:
+    n = args.adapters
+    if args.workload == "paper":
+        if n is not None and (n <= 0 or n % len(PAPER_RANKS)):
+            raise ValueError(f"--workload paper needs --adapters a positive multiple of {len(PAPER_RANKS)}, got {n}")
+        per_rank = 20 if n is None else n // len(PAPER_RANKS)
+        return paper_workload(
+            rate=rate, duration_s=args.duration, seed=args.seed, trace=args.trace, alpha=args.alpha, per_rank=per_rank
+        )
+    if args.workload == "slora":
+        return slora_workload(
+            num_adapters=100 if n is None else n,
+            alpha=args.alpha,
+            rate=rate,
+            cv=args.cv,
+            duration_s=args.duration,
+            input_range=args.input_range,
+            output_range=args.output_range,
+            seed=args.seed,
+        )
+    adapters: Sequence[AdapterSpec] | None = None if n is None else slora_adapters(n, PAPER_RANKS)
+    return trace_workload(
+        args.trace, rate=rate, duration_s=args.duration, adapters=adapters, alpha=args.alpha, seed=args.seed
+    )
+
+
+def clip_lengths(workload: Workload, max_prompt_len: int | None, max_output_len: int | None) -> Workload:
+    """Clip prompt / output lengths (arrivals untouched)."""
+
+    def clip(value: int, limit: int | None) -> int:
+        return value if limit is None else max(1, min(value, limit))
+
+    requests = [
+        attrs.evolve(r, prompt_len=clip(r.prompt_len, max_prompt_len), output_len=clip(r.output_len, max_output_len))
+        for r in workload.requests
+    ]
+    return attrs.evolve(workload, requests=requests)
+
+
+def bind_adapters(workload: Workload, real: Sequence[AdapterSpec]) -> Workload:
+    """Rename the workload's adapters onto `real` ones, in order, cycling (real runs only)."""
+    if not workload.adapters:
+        return workload
+    mapping = {a.name: real[i % len(real)].name for i, a in enumerate(workload.adapters)}
+    requests = [attrs.evolve(r, adapter=None if r.adapter is None else mapping[r.adapter]) for r in workload.requests]
+    used = {mapping[a.name] for a in workload.adapters}
+    return Workload(
+        requests, [a for a in real if a.name in used], workload.description + " (adapters bound to real ones)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Engines
+# ------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EngineFactory:
+    """Builds a fresh engine (and its clock) for one run of one policy."""
+
+    simulated: bool
+    label: str  # e.g. "SIMULATED · A40-48GB · llama-7b · analytic cost model"
+    build: Callable[[str, str, Workload], tuple[EngineCore, Clock, Workload]]
+    max_model_len: int
+    description: Mapping[str, Any]
+
+
+def scheduler_options(args: argparse.Namespace) -> SchedulerOptions:
+    """The scheduler knobs a benchmark sets: predictor, seed, and the TTFT SLO (MLQ quotas use it)."""
+    return SchedulerOptions(
+        predictor=args.predictor, predictor_accuracy=args.predictor_accuracy, seed=args.seed, slo_ttft_s=args.slo_ttft
+    )
+
+
+def sim_factory(args: argparse.Namespace) -> EngineFactory:
+    profile = CostProfile.from_json(args.profile) if args.profile else None
+    common = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+        core_options={"scheduler_options": scheduler_options(args)},
+    )
+    if profile is not None:
+        assert profile.engine is not None
+        max_len = args.max_model_len or profile.engine.max_model_len
+        what = f"cost profile {args.profile}"
+        desc: dict[str, Any] = {
+            "cost_model": "profile",
+            "profile": str(args.profile),
+            "profile_meta": dict(profile.meta),
+        }
+    else:
+        gpu, model = get_gpu(args.gpu), get_model(args.model or "llama-7b")
+        max_len = args.max_model_len or model.max_model_len
+        what = f"{gpu.name} · {model.name} · analytic cost model"
+        desc = {
+            "cost_model": "analytic",
+            "gpu": attrs.asdict(gpu),
+            "model": attrs.asdict(model),
+            "calibration": attrs.asdict(A40_LLAMA7B_CALIBRATION),
+        }
+
+    def build(scheduler: str, cache: str, workload: Workload) -> tuple[EngineCore, Clock, Workload]:
+        core, clock = build_sim_engine(
+            None if profile else args.gpu,
+            None if profile else (args.model or "llama-7b"),
+            scheduler=scheduler,
+            adapter_cache=cache,
+            adapters=workload.adapters,
+            profile=profile,
+            max_model_len=args.max_model_len,
+            **common,  # type: ignore[arg-type]
+        )
+        return core, clock, workload
+
+    return EngineFactory(True, f"{SIM_LABEL} · {what}", build, max_len, desc)
+
+
+def real_factory(args: argparse.Namespace) -> EngineFactory:
+    from chameleon.config import EngineConfig
+    from chameleon.factory import build_core
+    from chameleon.lora.peft_adapter import read_adapter_config
+
+    if args.model is None:
+        raise ValueError("--executor real needs --model DIR (a local Hugging Face model directory)")
+    real_adapters: list[tuple[AdapterSpec, Path]] = []
+    if args.adapter_dir is not None:
+        for sub in sorted(p for p in Path(args.adapter_dir).iterdir() if (p / "adapter_config.json").is_file()):
+            cfg = read_adapter_config(sub, name=sub.name)
+            rank = max([cfg.r, *(r for _, r in cfg.rank_pattern)])
+            real_adapters.append((AdapterSpec(sub.name, rank), sub))
+        if not real_adapters:
+            raise ValueError(f"{args.adapter_dir}: no PEFT adapter subdirectories (with adapter_config.json)")
+    max_rank = max([64] + [a.rank for a, _ in real_adapters])
+
+    def config(scheduler: str, cache: str) -> EngineConfig:
+        extra = {
+            k: v
+            for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens))
+            if v
+        }
+        return EngineConfig(
+            scheduler=scheduler,  # type: ignore[arg-type]
+            adapter_cache=cache,  # type: ignore[arg-type]
+            max_model_len=args.max_model_len,
+            max_lora_rank=max_rank,
+            num_threads=args.num_threads,
+            seed=args.seed,
+            scheduler_options=scheduler_options(args),
+            **extra,
+        )
+
+    def build(scheduler: str, cache: str, workload: Workload) -> tuple[EngineCore, Clock, Workload]:
+        if workload.adapters and not real_adapters:
+            raise ValueError(
+                "--executor real runs base-model workloads only (--adapters 0) unless --adapter-dir gives PEFT adapters"
+            )
+        clock = MonotonicClock()
+        core = build_core(args.model, config(scheduler, cache), clock=clock)
+        if workload.adapters:
+            workload = bind_adapters(workload, [a for a, _ in real_adapters])
+            paths = {a.name: p for a, p in real_adapters}
+            for spec in workload.adapters:
+                core.add_adapter(spec.name, str(paths[spec.name]))
+        warm_up(core)
+        return core, clock, workload
+
+    probe = build_core(args.model, config("fifo", "lru"))
+    max_len = probe.limits.max_model_len
+    del probe
+    desc = {"cost_model": None, "model_dir": str(args.model), "adapter_dir": str(args.adapter_dir or "")}
+    return EngineFactory(False, f"{REAL_LABEL} · {args.model}", build, max_len, desc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RunResult:
+    policy: str
+    rate: float
+    summary: RunSummary
+    records: tuple[RequestRecord, ...]
+    extra: Mapping[str, Any]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, factory: EngineFactory, table: Mapping[str, tuple[str, str]]) -> None:
+        self.args, self.factory, self.table = args, factory, table
+        self.results: dict[tuple[str, float], RunResult] = {}
+        self._workloads: dict[float, Workload] = {}
+        self.bar: Any = None
+
+    def workload(self, rate: float) -> Workload:
+        if rate not in self._workloads:
+            w = make_workload(self.args, rate)
+            limit = self.factory.max_model_len - 1
+            max_prompt = min(self.args.max_prompt_len or limit, limit)
+            self._workloads[rate] = clip_lengths(w, max_prompt, self.args.max_output_len)
+        return self._workloads[rate]
+
+    def run(self, policy: str, rate: float) -> RunResult:
+        key = (policy, rate)
+        if key in self.results:
+            return self.results[key]
+        scheduler, cache = self.table[policy]
+        workload = self.workload(rate)
+        if self.bar is not None:
+            self.bar.set_description(f"{policy} @ {rate:g} rps")
+        core, clock, workload = self.factory.build(scheduler, cache, workload)
+        start = time.perf_counter()
+        records = run_workload(core, workload, clock, progress=self.bar)
+        wall = time.perf_counter() - start
+        stats = core.stats()
+        lookups = stats.adapter_hits + stats.adapter_misses
+        hit_rate = stats.adapter_hits / lookups if lookups else None
+        summary = summarize(
+            records, slo_ttft_s=self.args.slo_ttft, slo_tbt_s=self.args.slo_tbt, adapter_hit_rate=hit_rate
+        )
+        extra: dict[str, Any] = {
+            "adapter_hits": stats.adapter_hits,
+            "adapter_misses": stats.adapter_misses,
+            "adapter_evictions": stats.adapter_evictions,
+            "num_preemptions": stats.num_preemptions,
+            "wall_s": wall,
+        }
+        sim_stats = getattr(core.executor, "stats", None)
+        if sim_stats is not None and hasattr(sim_stats, "load_wait_s"):
+            extra["adapter_load_critical_s"] = sim_stats.load_wait_s
+            extra["iterations"] = sim_stats.iterations
+        result = RunResult(policy, rate, summary, tuple(records), extra)
+        self.results[key] = result
+        return result
+
+    def sweep(self, policies: Sequence[str], rates: Sequence[float]) -> dict[str, float]:
+        """Every policy at every rate, then throughput at SLO per policy (reusing those runs)."""
+        for policy in policies:
+            for rate in rates:
+                self.run(policy, rate)
+        tput = {}
+        for policy in policies:
+
+            def run_at(rate: float, policy: str = policy) -> RunSummary:
+                if (policy, rate) not in self.results and self.bar is not None:
+                    self.bar.total += len(self.workload(rate))
+                    self.bar.refresh()
+                return self.run(policy, rate).summary
+
+            tput[policy] = throughput_at_slo(
+                run_at, rates, slo_ttft_s=self.args.slo_ttft, refine_steps=self.args.refine_steps
+            )
+        return tput
+
+
+def _finite(value: Any) -> Any:
+    """Strict JSON: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def results_json(
+    args: argparse.Namespace,
+    factory: EngineFactory,
+    table: Mapping[str, tuple[str, str]],
+    policies: Sequence[str],
+    rates: Sequence[float],
+    bench: Bench,
+    tput: Mapping[str, float],
+) -> dict[str, Any]:
+    per_policy: dict[str, dict[str, Any]] = {}
+    for policy in policies:
+        runs = sorted((r for (p, _), r in bench.results.items() if p == policy), key=lambda r: r.rate)
+        per_policy[policy] = {_rate_key(r.rate): {**r.summary.as_dict(), **r.extra} for r in runs}
+    return _finite(
+        {
+            "simulated": factory.simulated,
+            "label": factory.label,
+            "executor": args.executor,
+            **factory.description,
+            "workload": {
+                "kind": args.workload,
+                "trace": args.trace,
+                "duration_s": args.duration,
+                "adapters": args.adapters,
+                "alpha": args.alpha,
+                "cv": args.cv,
+                "seed": args.seed,
+                "max_prompt_len": min(args.max_prompt_len or factory.max_model_len - 1, factory.max_model_len - 1),
+                "max_output_len": args.max_output_len,
+            },
+            "slo": {"ttft_s": args.slo_ttft, "tbt_s": args.slo_tbt},
+            "rates": list(rates),
+            "policies": {p: {"scheduler": table[p][0], "adapter_cache": table[p][1]} for p in policies},
+            "results": per_policy,
+            "throughput_at_slo": dict(tput),
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value * scale:.{digits}f}"
+
+
+def _sig(value: float | None) -> str:
+    """Seconds with 3 significant digits: TTFTs range from milliseconds (a tiny model) to minutes."""
+    if value is None or math.isnan(value):
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.3g}"
+
+
+def format_table(
+    title: str, bench: Bench, policies: Sequence[str], rates: Sequence[float], tput: Mapping[str, float]
+) -> str:
+    head = (
+        f"{'policy':<20} {'rate':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'TBT p99ms':>8} "
+        f"{'thpt':>6} {'SLO%':>6} {'hit%':>6} {'queue%':>7}"
+    )
+    lines = [title, head, "-" * len(head)]
+    for policy in policies:
+        for rate in rates:
+            s = bench.results[(policy, rate)].summary
+            lines.append(
+                f"{policy:<20} {rate:>6g} {_sig(s.ttft_p50_s):>9} {_sig(s.ttft_p90_s):>8} {_sig(s.ttft_p99_s):>8} "
+                f"{_fmt(s.tbt_p99_s, 1e3, 0):>8} {_fmt(s.throughput_rps):>6} {_fmt(s.slo_attainment, 100, 1):>6} "
+                f"{_fmt(s.adapter_hit_rate, 100, 1):>6} {_fmt(s.queue_share, 100, 1):>7}"
+            )
+    lines.append(
+        "TTFT in seconds, TBT in ms, throughput in requests/s. Throughput at SLO (P99 TTFT <= SLO): "
+        + ", ".join(f"{p} {tput[p]:.2f} rps" for p in policies)
+    )
+    return "\n".join(lines)
+
+
+def write_plots(
+    directory: Path, title: str, bench: Bench, policies: Sequence[str], rates: Sequence[float]
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    # TTFT CDFs per policy, one panel per rate. Unserved requests (TTFT = inf) keep a curve below 1.
+    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
+    for ax, rate in zip(axes[0], rates, strict=True):
+        for policy in policies:
+            ttft = sorted(r.ttft_s for r in bench.results[(policy, rate)].records)
+            n = len(ttft)
+            finite = [t for t in ttft if math.isfinite(t)]
+            ax.step(finite, [(i + 1) / n for i in range(len(finite))], where="post", label=policy)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("TTFT (s)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{rate:g} rps")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{title}\nTTFT CDF", fontsize=9)
+    paths.append(_save(fig, directory / "ttft_cdf.png"))
+    for key, ylabel, name, log in (
+        ("ttft_p99_s", "P99 TTFT (s)", "p99_ttft_vs_rate.png", True),
+        ("adapter_hit_rate", "adapter hit rate", "hit_rate_vs_rate.png", False),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for policy in policies:
+            runs = sorted((r for (p, _), r in bench.results.items() if p == policy), key=lambda r: r.rate)
+            ys = [getattr(r.summary, key) for r in runs]
+            ax.plot(
+                [r.rate for r in runs],
+                [math.nan if y is None or math.isinf(y) else y for y in ys],
+                marker="o",
+                label=policy,
+            )
+        if not log:
+            ax.set_ylim(0.0, 1.05)
+        if log:
+            ax.set_yscale("log")
+            ax.axhline(bench.args.slo_ttft, color="grey", linestyle="--", label="TTFT SLO")
+        ax.set_xlabel("request rate (rps)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n{ylabel} vs rate", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, directory / name))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark `args` describe; 0 on success, 2 on a usage or engine error."""
+    table = {**POLICIES, **dict(args.policy)}
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in table]
+    if unknown:
+        print(f"error: unknown policies {unknown}; known: {', '.join(table)}", file=sys.stderr)
+        return 2
+    rates = sorted(set(args.rates))
+    try:
+        factory = sim_factory(args) if args.executor == "sim" else real_factory(args)
+        bench = Bench(args, factory, table)
+        title = (
+            f"{factory.label}\n{args.workload} workload · {args.duration:g} s · "
+            f"SLO TTFT {args.slo_ttft:g} s / TBT {args.slo_tbt * 1e3:g} ms"
+        )
+        tput = _sweep_with_progress(bench, policies, rates)
+    except (ChameleonError, ValueError, OSError) as exc:  # bad options, unknown policies, missing files
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(title, bench, policies, rates, tput))
+    if args.out is not None:
+        data = results_json(args, factory, table, policies, rates, bench, tput)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        print(f"results: {args.out}")
+    if args.plots is not None:
+        for path in write_plots(args.plots, title, bench, policies, rates):
+            print(f"plot: {path}")
+    return 0
+
+
+def _sweep_with_progress(bench: Bench, policies: Sequence[str], rates: Sequence[float]) -> dict[str, float]:
+    from tqdm import tqdm
+
+    total = sum(len(bench.workload(r)) for r in rates) * len(policies)
+    with tqdm(total=total, unit="req", disable=bench.args.no_progress, dynamic_ncols=True) as bar:
+        bench.bar = bar
+        try:
+            return bench.sweep(policies, rates)
+        finally:
+            bench.bar = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m chameleon.bench ...` (the same options as `chameleon bench`)."""
+    parser = argparse.ArgumentParser(prog="chameleon bench", description=__doc__.split("\n")[0])
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

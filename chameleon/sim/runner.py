@@ -1,0 +1,324 @@
+"""Drive an engine core with a workload, open loop, and record what happened to every request.
+
+`run_workload` is the one driver for simulated *and* real runs; it only needs a `Clock`:
+
+* Requests are submitted when the clock reaches their arrival (`workload` times are offsets from
+  the start of the run), with `arrival_time` = their *scheduled* arrival, so a driver that falls
+  behind is charged to TTFT rather than hidden (open loop: arrivals never wait for the engine).
+* With a `ManualClock` (the simulator) time only moves inside the executor; when the engine has
+  nothing to run, the driver jumps the clock to the next arrival. With any other clock (wall
+  time), the driver sleeps until then instead.
+* Every output's tokens are stamped with `clock.now()` right after the step that produced them;
+  the core stamps first-scheduled, first-token and finish times with the same clock.
+* Prompts are `prompt_len` copies of token id 1 (valid for every vocabulary; contents do not
+  matter to the cost), and requests generate exactly `output_len` tokens (`ignore_eos`, greedy).
+* A request the engine refuses (e.g. a prompt longer than the model allows) is recorded as
+  aborted without a first token, so it counts as a TTFT miss. If the engine stops making
+  progress with nothing left to arrive, the remaining requests are aborted the same way.
+
+`build_sim_engine` assembles a simulated engine: the real `EngineCore` over a `SimulatedExecutor`,
+for a GPU/model preset (analytic cost model) or a measured `CostProfile`. `POLICIES` names the
+combinations of scheduler and adapter cache that benchmarks compare.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from chameleon.clock import Clock, ManualClock
+from chameleon.engine_core import CoreLimits, EngineCore
+from chameleon.errors import ChameleonError
+from chameleon.metrics import RequestRecord
+from chameleon.outputs import RequestOutput
+from chameleon.sampling_params import SamplingParams
+from chameleon.sim.cost_model import (
+    A40_LLAMA7B_CALIBRATION,
+    DEFAULT_RESERVE_FRACTION,
+    Calibration,
+    CostProfile,
+    GPUSpec,
+    ModelCost,
+    get_gpu,
+    get_model,
+)
+from chameleon.sim.executor import SimulatedExecutor, synthetic_path
+from chameleon.workload import AdapterSpec, Workload, WorkloadRequest
+
+__all__ = ["POLICIES", "PROMPT_TOKEN_ID", "Progress", "build_sim_engine", "resolve_policy", "run_workload", "warm_up"]
+
+# name -> (scheduler, adapter_cache), as passed to `EngineCore`. SPEC §1/§3 and the paper's ablation:
+# `slora` is the baseline (FIFO, no idle cache); `chameleon-nocache` / `-nosched` take one idea away.
+POLICIES: dict[str, tuple[str, str]] = {
+    "chameleon": ("chameleon", "chameleon"),
+    "slora": ("fifo", "slora"),
+    "slora-sjf": ("sjf", "slora"),
+    "chameleon-nocache": ("chameleon", "slora"),
+    "chameleon-nosched": ("fifo", "chameleon"),
+    "chameleon-lru": ("chameleon", "lru"),
+    "fastserve": ("mlfq", "slora"),
+}
+
+PROMPT_TOKEN_ID = 1
+
+
+def resolve_policy(name: str, table: Mapping[str, tuple[str, str]] = POLICIES) -> tuple[str, str]:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(table)}") from None
+
+
+class Progress(Protocol):
+    """tqdm-like: told once per finished request."""
+
+    def update(self, n: int = 1) -> object: ...
+
+
+def _sampling(output_len: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max(1, output_len), ignore_eos=True, temperature=0.0)
+
+
+class _Recorder:
+    """Turns the core's outputs into `RequestRecord`s, with times relative to the run's start."""
+
+    def __init__(self, t0: float, progress: Progress | None) -> None:
+        self.t0 = t0
+        self.progress = progress
+        self.token_times: dict[str, list[float]] = {}
+        self.records: dict[str, RequestRecord] = {}
+        self.adapters: dict[str, str | None] = {}
+
+    def submitted(self, request: WorkloadRequest) -> None:
+        self.token_times[request.request_id] = []
+        self.adapters[request.request_id] = request.adapter
+
+    def refused(self, request: WorkloadRequest) -> None:
+        self.records[request.request_id] = RequestRecord(
+            request_id=request.request_id,
+            adapter=request.adapter,
+            arrival_s=request.arrival_s,
+            first_scheduled_s=None,
+            first_token_s=None,
+            finish_s=None,
+            prompt_len=request.prompt_len,
+            output_len=0,
+            finish_reason="abort",
+        )
+        self._tick()
+
+    def output(self, out: RequestOutput, now: float) -> None:
+        times = self.token_times[out.request_id]
+        rel = now - self.t0
+        times.extend(rel for _ in out.token_ids)
+        if out.finished:
+            self._finish(out)
+
+    def _finish(self, out: RequestOutput) -> None:
+        m, t0 = out.metrics, self.t0
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else t - t0
+
+        self.records[out.request_id] = RequestRecord(
+            request_id=out.request_id,
+            adapter=self.adapters[out.request_id],
+            arrival_s=m.arrival_time - t0,
+            first_scheduled_s=rel(m.first_scheduled_time),
+            first_token_s=rel(m.first_token_time),
+            finish_s=rel(m.finish_time),
+            prompt_len=m.num_prompt_tokens,
+            output_len=m.num_generated_tokens,
+            token_times_s=tuple(self.token_times.pop(out.request_id)),
+            finish_reason=out.finish_reason or "length",
+        )
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+
+def run_workload(
+    core: EngineCore,
+    workload: Workload,
+    clock: Clock,
+    *,
+    progress: Progress | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    stall_timeout_s: float = 60.0,
+) -> list[RequestRecord]:
+    """Replay `workload` against `core` open-loop; one record per request, in workload order.
+
+    `clock` must be the clock the core was built with. `stall_timeout_s` (real clocks only): with
+    nothing left to arrive and no output for this long, the remaining requests are aborted.
+    """
+    manual = isinstance(clock, ManualClock)
+    t0 = clock.now()
+    rec = _Recorder(t0, progress)
+    pending = workload.requests
+    i, n = 0, len(pending)
+    last_progress = t0
+    while i < n or core.has_unfinished_requests():
+        now = clock.now()
+        while i < n and t0 + pending[i].arrival_s <= now:
+            _submit(core, pending[i], t0, rec)
+            i += 1
+            last_progress = now
+        if not core.has_unfinished_requests():
+            if i < n:
+                _wait_until(clock, t0 + pending[i].arrival_s, manual, sleep)
+            continue
+        outputs = core.step()
+        after = clock.now()
+        for out in outputs:
+            rec.output(out, after)
+        if outputs:
+            last_progress = after
+        if manual and after == now and not outputs:
+            # Nothing could run (a simulated iteration always takes time): only an arrival can help.
+            if i < n:
+                _wait_until(clock, t0 + pending[i].arrival_s, manual, sleep)
+                continue
+            _abort_all(core, rec, after)
+            break
+        if not manual and i == n and after - last_progress > stall_timeout_s:
+            _abort_all(core, rec, after)
+            break
+    return [rec.records[r.request_id] for r in pending]
+
+
+def _submit(core: EngineCore, request: WorkloadRequest, t0: float, rec: _Recorder) -> None:
+    try:
+        core.add_request(
+            request.request_id,
+            [PROMPT_TOKEN_ID] * request.prompt_len,
+            _sampling(request.output_len),
+            adapter=request.adapter,
+            arrival_time=t0 + request.arrival_s,
+        )
+    except ChameleonError:
+        rec.refused(request)
+        return
+    rec.submitted(request)
+
+
+# OS sleeps overshoot (timer slack, scheduling: ~0.1 ms, more on VMs), which would make requests
+# late on a real clock. So a real-clock wait sleeps until this long before the deadline and spins
+# the rest: an arrival is noticed within microseconds, as a server's event loop would.
+_SPIN_S = 1e-3
+
+
+def _wait_until(clock: Clock, t: float, manual: bool, sleep: Callable[[float], None]) -> None:
+    gap = t - clock.now()
+    if gap <= 0:
+        return
+    if manual:
+        clock.advance(gap)  # type: ignore[attr-defined]
+        return
+    if gap > _SPIN_S:
+        sleep(gap - _SPIN_S)
+    while clock.now() < t:
+        pass
+
+
+def _abort_all(core: EngineCore, rec: _Recorder, now: float) -> None:
+    for request_id in list(core.requests):
+        out = core.abort(request_id)
+        if out is not None:
+            rec.output(out, now)
+
+
+def warm_up(core: EngineCore, *, prompt_len: int = 16, max_tokens: int = 4, freeze_gc: bool = True) -> None:
+    """Prepare a real engine for a timed run.
+
+    Runs one throw-away request to completion (first-call costs of a real executor: lazy
+    allocations, kernel selection), so they do not land on a measured request. Then, with
+    `freeze_gc`, collects garbage and moves every object alive (torch, transformers, the model)
+    into the garbage collector's permanent generation, as vLLM does after start-up: otherwise a
+    full collection that scans them all (~0.1–0.2 s here) can fall inside the run and land on a
+    few requests' TTFT. This is process-wide (`gc.unfreeze()` undoes it).
+    """
+    request_id = "__warm_up__"
+    core.add_request(request_id, [PROMPT_TOKEN_ID] * prompt_len, _sampling(max_tokens))
+    while request_id in core.requests:
+        core.step()
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
+
+
+# ------------------------------------------------------------------------------------------------
+# A simulated engine
+# ------------------------------------------------------------------------------------------------
+
+
+def build_sim_engine(
+    gpu: GPUSpec | str | None,
+    model: ModelCost | str | None,
+    *,
+    scheduler: str = "fifo",
+    adapter_cache: str = "lru",
+    adapters: Sequence[AdapterSpec] = (),
+    profile: CostProfile | None = None,
+    calibration: Calibration = A40_LLAMA7B_CALIBRATION,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    max_model_len: int | None = None,
+    block_size: int = 16,
+    adapter_pool_rows: int | None = None,
+    reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
+    seed: int = 0,
+    core_options: Mapping[str, Any] | None = None,
+) -> tuple[EngineCore, ManualClock]:
+    """The real engine core over a simulated executor, with `adapters` registered (synthetic).
+
+    With `profile`, the profiled engine's timings and sizes are used (`gpu`/`model` are ignored);
+    otherwise the analytic model of `model` on `gpu`. Unset limits default to the profiled engine's,
+    or to `EngineConfig`'s defaults (128 sequences, 2048 batched tokens) and the model's context.
+    `core_options` go to `EngineCore` as they are (e.g. `scheduler_options`, `prefetch_depth`).
+    """
+    clock = ManualClock()
+    if profile is not None:
+        executor = SimulatedExecutor.from_profile(profile, clock, adapter_pool_rows=adapter_pool_rows, seed=seed)
+        e = profile.engine
+        assert e is not None
+        limits = CoreLimits(
+            max_model_len=max_model_len or e.max_model_len,
+            vocab_size=e.vocab_size,
+            max_num_seqs=max_num_seqs or e.max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or e.max_num_batched_tokens,
+        )
+    else:
+        if gpu is None or model is None:
+            raise ValueError("build_sim_engine needs a GPU and a model preset, or a cost profile")
+        m = get_model(model)
+        executor = SimulatedExecutor.from_gpu(
+            get_gpu(gpu),
+            m,
+            clock,
+            calibration=calibration,
+            block_size=block_size,
+            adapter_pool_rows=adapter_pool_rows,
+            reserve_fraction=reserve_fraction,
+        )
+        limits = CoreLimits(
+            max_model_len=min(max_model_len or m.max_model_len, executor.num_kv_blocks * block_size),
+            vocab_size=m.vocab_size,
+            max_num_seqs=max_num_seqs or 128,
+            max_num_batched_tokens=max_num_batched_tokens or 2048,
+        )
+    core = EngineCore(
+        executor,
+        limits,
+        scheduler=scheduler,
+        adapter_cache=adapter_cache,  # type: ignore[arg-type]
+        clock=clock,
+        seed=seed,
+        **dict(core_options or {}),
+    )
+    for spec in adapters:
+        core.add_adapter(spec.name, synthetic_path(spec.rank))
+    return core, clock
