@@ -13,6 +13,9 @@ time *other* processes used meanwhile (/proc/stat minus our own); an attempt dur
 used more than `MAX_FOREIGN_CORES` is discarded and retried, up to `ATTEMPTS` times, and the test
 is skipped (not passed) if the machine never was quiet. Every attempt's numbers are printed
 (`pytest -s` shows them).
+
+Being a wall-clock measurement it is not part of the default suite (speed lives in benchmarks, not
+in timed tests): run it on a quiet machine with `pytest -m timing -s tests/test_sim_vs_real.py`.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ def _compare(model: Path, profile_path: Path, tag: str) -> tuple[RunSummary, Run
     return _summary(real), _summary(sim), rate
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_simulated_and_real_ttft_agree(tiny_llama: Path, tmp_path: Path) -> None:
     report = []
