@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,4 +37,33 @@ def sample(
         scaled = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
         probs = scaled.softmax(-1)
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+    return out
+
+
+def sample_from_hidden(
+    hidden: torch.Tensor,  # [S, hidden] final hidden states of the rows that sample
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    *,
+    logits: Callable[[torch.Tensor], torch.Tensor],  # hidden -> [n, vocab] float32
+    greedy: Callable[[torch.Tensor], torch.Tensor],  # hidden -> [n] argmax ids, logits never materialised
+) -> list[int]:
+    """Like `sample`, but greedy rows never materialise their logits (the head reduces them chunk by
+    chunk) and only the other rows pay for a full [n, vocab] float32 tensor."""
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy_rows) == len(params):
+        return greedy(hidden).tolist()
+    out = [0] * len(params)
+    if greedy_rows:
+        ids = greedy(hidden.index_select(0, torch.tensor(greedy_rows, device=hidden.device))).tolist()
+        for row, token in zip(greedy_rows, ids, strict=True):
+            out[row] = token
+    rest = [i for i, p in enumerate(params) if not p.greedy]
+    sampled = sample(
+        logits(hidden.index_select(0, torch.tensor(rest, device=hidden.device))),
+        [params[i] for i in rest],
+        [generators[i] for i in rest],
+    )
+    for row, token in zip(rest, sampled, strict=True):
+        out[row] = token
     return out

@@ -16,9 +16,9 @@ from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter, load_peft_adapter
 from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
-from chameleon.model.llama import LlamaModel
+from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
-from chameleon.sampler import sample
+from chameleon.sampler import sample_from_hidden
 from chameleon.scheduler import SchedulerOutput
 
 
@@ -43,6 +43,8 @@ class TorchExecutor:
     ) -> None:
         self.model, self.spec = model, spec
         self.device, self.dtype = device, dtype
+        if onednn_packing_supported(dtype, device):
+            model.pack_weights()  # oneDNN-blocked weights for the CPU path (see model/llama.py)
         self.max_lora_rank, self.lora_backend = max_lora_rank, lora_backend
         self.base_spec = base_model_spec(spec, dtype)
         self.lora_pool = LoRAPool(self.base_spec, lora_pool_rows, device=device, dtype=dtype)
@@ -196,12 +198,13 @@ class TorchExecutor:
         samplers, adapters = [], []
         # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
         items = sorted(batch.scheduled, key=lambda s: self._adapter_order(s.request.adapter))
-        for name in {s.request.adapter for s in items} & self._pending.keys():
-            self._pending.pop(name).result()  # a prefetched adapter this batch needs must be complete
+        if self._pending:
+            for name in {s.request.adapter for s in items} & self._pending.keys():
+                self._pending.pop(name).result()  # a prefetched adapter this batch needs must be complete
         for item in items:
             req, n = item.request, item.num_new_tokens
             start = req.num_computed_tokens
-            token_ids.extend(req.all_token_ids[start : start + n])
+            token_ids.extend(_token_range(req.prompt_token_ids, req.output_token_ids, start, start + n))
             positions.extend(range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
@@ -212,7 +215,7 @@ class TorchExecutor:
                 samplers.append(req)
         dev = self.device
         meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev)
-        logits = self.model(
+        hidden = self.model(
             torch.tensor(token_ids, device=dev),
             torch.tensor(positions, device=dev),
             meta,
@@ -222,13 +225,31 @@ class TorchExecutor:
         )
         if not samplers:
             return []
-        tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        tokens = sample_from_hidden(
+            hidden,
+            [r.sampling for r in samplers],
+            [r.generator for r in samplers],
+            logits=self.model.logits,
+            greedy=self.model.greedy_tokens,
+        )
+        if all(a is b for a, b in zip(items, batch.scheduled)):
+            return tokens
         # Back to the scheduler's order, which is what the core expects.
         by_request = dict(zip((r.request_id for r in samplers), tokens, strict=True))
         return [by_request[s.request.request_id] for s in batch.scheduled if s.samples]
 
     def _adapter_order(self, name: str | None) -> int:
         return -1 if name is None else self.lora_pool.resident[name][0]
+
+
+def _token_range(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
+    """`(prompt + output)[start:stop]` without concatenating the whole sequence every step."""
+    n = len(prompt)
+    if start >= n:
+        return output[start - n : stop - n]
+    if stop <= n:
+        return prompt[start:stop]
+    return prompt[start:] + output[: stop - n]
 
 
 def base_model_spec(spec: ModelSpec, dtype: torch.dtype) -> BaseModelSpec:

@@ -3,6 +3,11 @@
 Rows come from `AdapterCache` (the policy); this file only copies weights in and builds the
 segment metadata a batch needs. An adapter with per-module ranks (rank_pattern) occupies
 `max_rank` rows; rows past a module's own rank stay zero, so they add nothing.
+
+Modules that read the same input (q/k/v read the attention norm's output, gate/up the MLP norm's)
+share one lora_A tensor `[rows, modules, in]`: each module's pool is a strided view of it, so an
+adapter's A rows of the whole group are one contiguous `[rank * modules, in]` block and the
+torch path shrinks the group with one matmul per segment instead of one per module.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import torch
 from chameleon.lora.ops import Backend, LoRASegments, lora_apply
 from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter
 
+# Modules fed the same activations, in the order the model passes their outputs.
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 class LoRAPool:
     def __init__(self, base: BaseModelSpec, capacity_rows: int, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -21,6 +29,7 @@ class LoRAPool:
         self.device, self.dtype = device, dtype
         self._a: list[dict[str, torch.Tensor]] = []
         self._b: list[dict[str, torch.Tensor]] = []
+        self._a_groups: list[dict[tuple[str, ...], torch.Tensor]] = []  # group -> [rows, modules, in]
         self.resident: dict[str, tuple[int, LoRAAdapter]] = {}  # name -> (first row, adapter)
 
     @property
@@ -33,10 +42,18 @@ class LoRAPool:
         adapter never pays for them, and the first load does not pay on the critical path)."""
         if self._a:
             return
+        shapes = self.base.module_shapes
+        kw = dict(device=self.device, dtype=self.dtype)
         for _ in range(self.base.num_layers):
-            shapes = self.base.module_shapes
-            kw = dict(device=self.device, dtype=self.dtype)
-            self._a.append({m: torch.zeros(self.capacity_rows, shapes[m][0], **kw) for m in TARGET_MODULES})
+            a: dict[str, torch.Tensor] = {}
+            groups: dict[tuple[str, ...], torch.Tensor] = {}
+            for group in SHARED_INPUT_GROUPS:
+                if len({shapes[m][0] for m in group}) == 1:
+                    groups[group] = torch.zeros(self.capacity_rows, len(group), shapes[group[0]][0], **kw)
+                    a.update({m: groups[group][:, i] for i, m in enumerate(group)})
+            a.update({m: torch.zeros(self.capacity_rows, shapes[m][0], **kw) for m in TARGET_MODULES if m not in a})
+            self._a.append(a)
+            self._a_groups.append(groups)
             self._b.append({m: torch.zeros(self.capacity_rows, shapes[m][1], **kw) for m in TARGET_MODULES})
 
     def load(self, adapter: LoRAAdapter, row: int) -> None:
@@ -74,7 +91,18 @@ class LoRAPool:
                     runs.append((pos, n, name))
             pos += n
         segs = {m: self._segments(runs, m, pos) for m in TARGET_MODULES}
-        return LoRABatch(self._a, self._b, {m: s for m, s in segs.items() if s is not None}, backend)
+        # Per group: (start, length, first row, rows, the group's modules this adapter targets).
+        grouped: dict[tuple[str, ...], list[tuple[int, int, int, int, tuple[bool, ...]]]] = {}
+        for group in SHARED_INPUT_GROUPS:
+            g_runs = []
+            for start, n, name in runs:
+                row, adapter = self.resident[name]
+                hit = tuple(m in adapter.target_modules for m in group)
+                if any(hit):
+                    g_runs.append((start, n, row, adapter.max_rank, hit))
+            grouped[group] = g_runs
+        return LoRABatch(self._a, self._b, {m: s for m, s in segs.items() if s is not None}, backend,
+                         a_groups=self._a_groups, grouped=grouped)
 
     def _segments(self, runs: list[tuple[int, int, str]], module: str, num_tokens: int) -> LoRASegments | None:
         picked = [
@@ -97,10 +125,32 @@ class LoRABatch:
         b: list[dict[str, torch.Tensor]],
         segments: Mapping[str, LoRASegments],
         backend: Backend,
+        *,
+        a_groups: Sequence[Mapping[tuple[str, ...], torch.Tensor]] = (),
+        grouped: Mapping[tuple[str, ...], Sequence[tuple[int, int, int, int, tuple[bool, ...]]]] | None = None,
     ) -> None:
         self._a, self._b, self._segments, self._backend = a, b, segments, backend
+        self._a_groups, self._grouped = a_groups, grouped or {}
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         segs = self._segments.get(module)
         if segs is not None:
             lora_apply(y, x, self._a[layer][module], self._b[layer][module], segs, backend=self._backend)
+
+    def apply_group(self, layer: int, modules: tuple[str, ...], x: torch.Tensor, ys: Sequence[torch.Tensor]) -> None:
+        """`apply` for modules that share the input x, with one shrink matmul per segment (torch path)."""
+        runs = self._grouped.get(modules)
+        a_group = self._a_groups[layer].get(modules) if self._a_groups else None
+        if self._backend != "torch" or runs is None or a_group is None:
+            for module, y in zip(modules, ys, strict=True):
+                self.apply(layer, module, x, y)
+            return
+        width = len(modules)
+        b = self._b[layer]
+        for start, n, row, rank, hit in runs:
+            xs = x[start : start + n]
+            # [n, rank * modules]: column r * modules + i is rank row r of module i.
+            v = (xs @ a_group[row : row + rank].reshape(rank * width, -1).T).view(n, rank, width)
+            for i, (module, y) in enumerate(zip(modules, ys, strict=True)):
+                if hit[i]:
+                    y[start : start + n].addmm_(v[:, :, i], b[module][row : row + rank])

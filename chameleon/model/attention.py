@@ -2,7 +2,20 @@
 
 A step mixes prefill chunks (many query tokens) and decodes (one query token). We split the batch
 into those two groups so a long prompt does not pad every decode row to its length, and run one
-`scaled_dot_product_attention` call per group over keys gathered through the block tables.
+attention call per group:
+
+* decodes: keys gathered through the block tables (`index_select` on the flat slot cache, one copy
+  per layer), the query rows of a decode-only batch used in place;
+* prefills without a cached prefix (`fresh`: the whole context is this step's tokens, the common
+  case) attend to this step's own K/V, never gathered back from the cache; a single fresh prefill
+  is plain causal attention with no mask at all;
+* prefill chunks that continue a sequence (chunked prefill, recompute after preemption) gather
+  their keys through the block tables like decodes.
+
+All metadata is built once per step with tensor ops (no loop per token) and shared by the layers.
+fp32 uses torch's fused SDPA kernel (the numerics the parity tests pin to transformers); bf16/fp16
+use the eager formulation transformers also has (matmul, fp32 softmax, matmul), which on CPU is
+several times faster than the fused kernel at decode shapes.
 """
 
 from __future__ import annotations
@@ -16,54 +29,105 @@ import torch.nn.functional as F
 
 @attrs.frozen
 class SeqGroup:
-    """Padded view of some sequences of the batch: queries [B, Q] and keys [B, K]."""
+    """Some sequences of the batch, padded to [B, Q] queries and [B, K] keys."""
 
-    token_index: torch.Tensor  # [B, Q] rows of the flat token batch (padding points at row 0)
-    kv_slots: torch.Tensor  # [B, K] flat KV slots (padding points at slot 0)
-    mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend to a key
-    out_rows: torch.Tensor  # [N] rows of the flat batch this group produces
-    out_flat: torch.Tensor  # [N] the same rows' positions in the padded [B*Q] layout
+    b: int
+    q: int  # padded queries per sequence
+    k: int  # padded keys per sequence
+    rows: torch.Tensor | slice  # [B*Q] flat-batch rows of the padded queries (padding -> row 0), or a slice
+    kv_slots: torch.Tensor | None  # [B*K] cache slots of the keys; None: `fresh`, keys are this step's rows
+    mask: torch.Tensor | None  # [B, 1, Q, K] True where a query may attend; None: no mask / causal
+    causal: bool  # plain causal attention (one fresh sequence, no padding): mask is None
+    out_rows: torch.Tensor | slice  # rows of the flat batch this group produces
+    out_index: torch.Tensor | None  # [N] positions of those rows in the padded [B*Q] layout; None: all
 
 
 @attrs.frozen
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     groups: tuple[SeqGroup, ...]
+    num_tokens: int
 
 
-def _seq_group(
-    query_starts: Sequence[int],
-    query_lens: Sequence[int],
-    context_lens: Sequence[int],
-    block_tables: Sequence[Sequence[int]],
+def _table_tensor(block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    nblk = max(len(t) for t in block_tables)
+    return torch.tensor([[*t, *([0] * (nblk - len(t)))] for t in block_tables], dtype=torch.long)
+
+
+def _contiguous_rows(rows: list[int]) -> slice | None:
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return slice(rows[0], rows[-1] + 1)
+    return None
+
+
+def _decode_group(
+    idx: list[int], starts: list[int], ctx: torch.Tensor, tables: torch.Tensor, block_size: int, device: torch.device
+) -> SeqGroup:
+    b = len(idx)
+    rows_list = [starts[i] for i in idx]
+    sel = torch.tensor(idx, dtype=torch.long)
+    c = ctx[sel]
+    k_max = int(c.max())
+    j = torch.arange(k_max)
+    kv_slots = tables[sel][:, j // block_size] * block_size + j % block_size  # [B, K]
+    mask = None
+    if int(c.min()) != k_max:
+        valid = j[None, :] < c[:, None]
+        kv_slots = torch.where(valid, kv_slots, 0)  # padding reads slot 0 (masked out)
+        mask = valid[:, None, None, :].to(device)
+    rows: torch.Tensor | slice = _contiguous_rows(rows_list) or torch.tensor(rows_list, dtype=torch.long, device=device)
+    return SeqGroup(b=b, q=1, k=k_max, rows=rows, kv_slots=kv_slots.view(-1).to(device), mask=mask,
+                    causal=False, out_rows=rows, out_index=None)
+
+
+def _prefill_group(
+    idx: list[int],
+    starts: list[int],
+    q_lens: torch.Tensor,
+    ctx: torch.Tensor,
+    tables: torch.Tensor,
     block_size: int,
     device: torch.device,
 ) -> SeqGroup:
-    b = len(query_lens)
-    q_max, k_max = max(query_lens), max(context_lens)
-    nblk = max(len(t) for t in block_tables)
-    tables = torch.zeros(b, nblk, dtype=torch.long)
-    for i, t in enumerate(block_tables):
-        tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    j = torch.arange(k_max)
-    kv_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, K]
-
+    b = len(idx)
+    sel = torch.tensor(idx, dtype=torch.long)
+    ql, c = q_lens[sel], ctx[sel]
+    q_max = int(ql.max())
+    fresh = bool((ql == c).all())
+    if fresh:
+        k_max, kv_slots = q_max, None  # keys are the (padded) queries' own rows
+    else:
+        k_max = int(c.max())
+        j = torch.arange(k_max)
+        kv_slots = (tables[sel][:, j // block_size] * block_size + j % block_size).view(-1).to(device)
+    if b == 1:
+        rows = slice(starts[idx[0]], starts[idx[0]] + q_max)
+        if fresh:  # plain causal attention over this step's tokens
+            return SeqGroup(b=1, q=q_max, k=q_max, rows=rows, kv_slots=None, mask=None, causal=True,
+                            out_rows=rows, out_index=None)
     qi = torch.arange(q_max)
-    q_len = torch.tensor(query_lens)
-    ctx = torch.tensor(context_lens)
-    q_valid = qi[None, :] < q_len[:, None]  # [B, Q]
-    token_index = torch.where(q_valid, torch.tensor(query_starts)[:, None] + qi[None, :], 0)
-    # Query i of a sequence sits at position ctx - q_len + i and sees keys at positions <= its own.
-    q_pos = (ctx - q_len)[:, None] + qi[None, :]
-    mask = j[None, None, :] <= q_pos[:, :, None]
+    q_valid = qi[None, :] < ql[:, None]  # [B, Q]
+    q_pos = (c - ql)[:, None] + qi[None, :]  # query i of a sequence sits at position ctx - q_len + i
+    j = torch.arange(k_max)
+    mask = j[None, None, :] <= q_pos[:, :, None]  # causal; keys past a context are never <= q_pos
     mask |= ~q_valid[:, :, None] & (j[None, None, :] == 0)  # padding rows see one key: no NaNs
+    mask = mask[:, None].to(device)
+    if b == 1:
+        return SeqGroup(b=1, q=q_max, k=k_max, rows=rows, kv_slots=kv_slots, mask=mask, causal=False,
+                        out_rows=rows, out_index=None)
+    first_row = torch.tensor([starts[i] for i in idx], dtype=torch.long)
+    token_index = torch.where(q_valid, first_row[:, None] + qi[None, :], 0)
     flat = torch.arange(b * q_max).view(b, q_max)
     return SeqGroup(
-        token_index=token_index.to(device),
-        kv_slots=kv_slots.to(device),
-        mask=mask[:, None].to(device),
+        b=b,
+        q=q_max,
+        k=k_max,
+        rows=token_index.view(-1).to(device),
+        kv_slots=kv_slots,
+        mask=mask,
+        causal=False,
         out_rows=token_index[q_valid].to(device),
-        out_flat=flat[q_valid].to(device),
+        out_index=flat[q_valid].to(device),
     )
 
 
@@ -78,27 +142,58 @@ def build_attention_metadata(
 
     `context_lens[i]` counts every token of sequence i whose K/V exists after this step's writes.
     """
-    starts, slots, pos = [], [], 0
-    for q_len, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
+    n = len(query_lens)
+    q_lens = torch.tensor(query_lens, dtype=torch.long)
+    ctx = torch.tensor(context_lens, dtype=torch.long)
+    tables = _table_tensor(block_tables)
+    starts, pos = [], 0
+    for q in query_lens:
         starts.append(pos)
-        for p in range(ctx - q_len, ctx):
-            slots.append(table[p // block_size] * block_size + p % block_size)
-        pos += q_len
+        pos += q
+    num_tokens = pos
+    # Slot of every new token: positions ctx - q_len ... ctx - 1 of its sequence.
+    if num_tokens == n:  # one token per sequence (decodes)
+        seq, tok_pos = torch.arange(n), ctx - 1
+    else:
+        seq = torch.repeat_interleave(torch.arange(n), q_lens)
+        offset = torch.arange(num_tokens) - torch.tensor(starts, dtype=torch.long)[seq]
+        tok_pos = (ctx - q_lens)[seq] + offset
+    slot_mapping = tables[seq, tok_pos // block_size] * block_size + tok_pos % block_size
     groups = []
-    for want_decode in (True, False):
-        idx = [i for i, q in enumerate(query_lens) if (q == 1) == want_decode]
-        if idx:
-            groups.append(
-                _seq_group(
-                    [starts[i] for i in idx],
-                    [query_lens[i] for i in idx],
-                    [context_lens[i] for i in idx],
-                    [block_tables[i] for i in idx],
-                    block_size,
-                    device,
-                )
-            )
-    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), tuple(groups))
+    decode_idx = [i for i, q in enumerate(query_lens) if q == 1]
+    prefill_idx = [i for i, q in enumerate(query_lens) if q != 1]
+    if decode_idx:
+        groups.append(_decode_group(decode_idx, starts, ctx, tables, block_size, device))
+    if prefill_idx:
+        groups.append(_prefill_group(prefill_idx, starts, q_lens, ctx, tables, block_size, device))
+    return AttentionMetadata(slot_mapping.to(device), tuple(groups), num_tokens)
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _attend(
+    q: torch.Tensor,  # [B, H, Q, D]
+    k: torch.Tensor,  # [B, KVH, K, D]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # [B, 1, Q, K] bool
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:  # [B, H, Q, D]
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    # Eager GQA (transformers' eager_attention_forward): half-precision matmuls, fp32 softmax.
+    b, h, qn, d = q.shape
+    kvh, kn = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kvh, (h // kvh) * qn, d)  # heads of one KV head share its keys
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kvh, h // kvh, qn, kn).float() * scale
+    if causal:
+        mask = torch.ones(qn, kn, dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, *mask.shape[-2:]), float("-inf"))
+    p = scores.softmax(-1).to(q.dtype).view(b, kvh, (h // kvh) * qn, kn)
+    return torch.matmul(p, v).view(b, h, qn, d)
 
 
 def paged_attention(
@@ -109,16 +204,49 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:  # [T, H*D]
+    *,
+    out_rows: int | None = None,  # rows of the result: T, or more (zero rows appended)
+) -> torch.Tensor:  # [out_rows, H*D]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     t, h, d = q.shape
-    out = q.new_empty(t, h * d)
+    kvh = k.shape[1]
+    rows = t if out_rows is None else out_rows
+    only = meta.groups[0]
+    if len(meta.groups) == 1 and isinstance(only.out_rows, slice) and only.out_rows == slice(0, t) and rows == t:
+        # Every row of the batch, in order: no gather, no scatter.
+        return _group(q, k, v, k_cache, v_cache, only, scale, h, kvh, d).reshape(t, h * d)
+    out = q.new_empty(rows, h * d)
+    if rows > t:
+        out[t:].zero_()
     for g in meta.groups:
-        b, qn = g.token_index.shape
-        qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, D]
-        kg = k_cache[g.kv_slots].transpose(1, 2)  # [B, KVH, K, D]
-        vg = v_cache[g.kv_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        out[g.out_rows] = o.transpose(1, 2).reshape(b * qn, h * d)[g.out_flat]
+        o = _group(q, k, v, k_cache, v_cache, g, scale, h, kvh, d).reshape(g.b * g.q, h * d)
+        if g.out_index is not None:
+            o = o.index_select(0, g.out_index)
+        if isinstance(g.out_rows, slice):
+            out[g.out_rows] = o
+        else:
+            out.index_copy_(0, g.out_rows, o)
     return out
+
+
+def _group(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    g: SeqGroup,
+    scale: float,
+    h: int,
+    kvh: int,
+    d: int,
+) -> torch.Tensor:  # [B, Q, H, D]
+    qg = _rows(q, g.rows).view(g.b, g.q, h, d).transpose(1, 2)
+    if g.kv_slots is None:
+        kg, vg = _rows(k, g.rows), _rows(v, g.rows)
+    else:
+        kg, vg = k_cache.index_select(0, g.kv_slots), v_cache.index_select(0, g.kv_slots)
+    kg = kg.view(g.b, g.k, kvh, d).transpose(1, 2)
+    vg = vg.view(g.b, g.k, kvh, d).transpose(1, 2)
+    return _attend(qg, kg, vg, g.mask, g.causal, scale).transpose(1, 2)
