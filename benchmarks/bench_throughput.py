@@ -21,20 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _machine import machine_line  # noqa: E402
+from _peer_assets import PROMPT_TEXTS  # noqa: E402
 
 from chameleon import EngineConfig, SamplingParams  # noqa: E402
 from chameleon.factory import build_core  # noqa: E402
 
-PROMPTS = [
-    "The capital of France is",
-    "Write a short poem about autumn leaves falling in the park.",
-    "Explain quantum computing to a ten year old.",
-    "List five fruits:",
-    "def fibonacci(n):",
-    "Once upon a time in a small village by the sea, there lived an old fisherman who",
-    "Translate to French: Good morning, how are you today?",
-    "The three laws of robotics are",
-]
+PROMPTS = PROMPT_TEXTS[:8]  # the same eight prompts the recorded figures used
 
 
 def run_ours(path: Path, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
