@@ -23,6 +23,14 @@ benchmarks use:
    `cost = c0 + c1·[has prefill] + b·prefill tokens + q·prefill (query, key) pairs
    + d·sequences + e·decode context tokens`, which is the profile's
    `prefill_s = a + b·T + q·pairs` (a = c0 + c1 + d), `decode_s = c + d·S + e·ctx` (c = c0).
+   (An absolute least-squares fit was tried first: the burst's big steps decided it and small
+   prefill steps came out ~25% too slow, simulated P50 TTFT +80% after the engine's CPU path got
+   faster; the relative fit gave +9% / +14%.)
+5. optionally (`variability=True`), the measured / fitted ratio of every step, winsorized at the
+   1st and 99th percentiles, is stored in `step_time_ratios`, and the simulator multiplies each
+   iteration by a draw from it. Off by default: much of that spread is shape-dependent misfit,
+   not noise, and drawing it independently per step overstated queueing here (simulated P99
+   TTFT +64% / +76% with it, −4% / −3% without, on quiet runs).
 
 Lengths of the calibration workload: prompts uniform in [1, `max_prompt_len`], outputs in
 `output_range`; its seed differs from any benchmark's default on purpose.
@@ -217,6 +225,7 @@ def calibrate(
     seed: int = 1234,
     lora_rank: int | None = 16,
     repeats: int = 5,
+    variability: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CostProfile:
     """Profile the real executor for `model_dir` (with `config`) and return (and write) a profile.
@@ -280,6 +289,9 @@ def calibrate(
         "steps_fitted": len(logged.samples),
         "step_fit_abs_rel_error_p50": abs_res[len(abs_res) // 2] if abs_res else None,
         "step_fit_abs_rel_error_p90": abs_res[int(len(abs_res) * 0.9)] if abs_res else None,
+        "step_time_ratio_p10_p50_p90": [ratios[int(q * (len(ratios) - 1))] for q in (0.1, 0.5, 0.9)]
+        if ratios
+        else None,
         "calibration_workload": {"max_prompt_len": plen, "output_range": list(outs), "seed": seed},
         **{k: v for k, v in lora.items() if k.startswith("lora_")},
     }
@@ -288,7 +300,7 @@ def calibrate(
         lora_s_per_token_rank=lora.get("f", 0.0),
         lora_s_per_adapter=lora.get("g", 0.0),
         load_Bps=lora.get("load_Bps", float("inf")),
-        step_time_ratios=_order_statistics(_winsorized(ratios, 0.01), 512),
+        step_time_ratios=_order_statistics(_winsorized(ratios, 0.01), 512) if variability else (),
         engine=engine,
         meta=meta,
     )
@@ -410,6 +422,11 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the synthetic adapter (0: skip LoRA)")
+    parser.add_argument(
+        "--variability",
+        action="store_true",
+        help="store the measured spread of step times; the simulator then draws from it (see the module docs)",
+    )
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -439,6 +456,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             requests_per_run=args.requests_per_run,
             seed=args.seed,
             lora_rank=args.lora_rank or None,
+            variability=args.variability,
             log=lambda msg: print(msg, flush=True),
         )
     except (ChameleonError, OSError, ValueError) as exc:

@@ -229,6 +229,13 @@ def test_profile_reproduces_its_fitted_forms() -> None:
     assert p.load_s(2_000_000) == pytest.approx(1e-3)
 
 
+def test_profile_time_factor_draws_from_the_measured_spread() -> None:
+    assert _profile().time_factor(0.7) == 1.0  # no spread recorded: deterministic
+    p = _profile(step_time_ratios=(0.5, 1.0, 2.0))
+    assert [p.time_factor(u) for u in (0.0, 0.34, 0.5, 0.999)] == [0.5, 1.0, 1.0, 2.0]
+    assert A40_7B.time_factor(0.999) == 1.0
+
+
 def test_profile_mixed_batch_charges_each_extra_sequence() -> None:
     p = _profile()
     b = BatchShapeBuilder()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -274,6 +275,30 @@ def test_run_workload_sleeps_on_a_real_clock() -> None:
     assert 1.9 < clock.slept < 2.0  # slept until just before b's arrival, then spun
     assert b.arrival_s == 2.0 and 2.0 <= b.first_scheduled_s < 2.0001  # relative to the run's start
     assert a.ttft_s == pytest.approx(1e-3, abs=1e-4)
+
+
+def test_step_time_variability_is_seeded() -> None:
+    spread = CostProfile(
+        prefill_a_s=1e-3,
+        prefill_b_s_per_token=1e-6,
+        decode_c_s=1e-3,
+        decode_d_s_per_seq=1e-4,
+        decode_e_s_per_ctx_token=0.0,
+        step_time_ratios=(0.5, 1.0, 1.5),
+        engine=ProfileEngine(1000, 16, 1024, 64, 64, 512, 100, 8, 512),
+    )
+    w = slora_workload(
+        num_adapters=0, alpha=1.0, rate=50, cv=1, duration_s=2, input_range=(8, 64), output_range=(4, 16), seed=1
+    )
+
+    def run(profile: CostProfile, seed: int) -> list:
+        core, clock = build_sim_engine(None, None, profile=profile, seed=seed)
+        return run_workload(core, w, clock)
+
+    assert run(spread, 0) == run(spread, 0)
+    assert run(spread, 0) != run(spread, 1)
+    flat = run(attrs.evolve(spread, step_time_ratios=()), 0)
+    assert run(attrs.evolve(spread, step_time_ratios=()), 1) == flat  # no spread: the seed does not matter
 
 
 def test_policy_table() -> None:

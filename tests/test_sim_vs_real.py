@@ -146,11 +146,13 @@ def test_calibrate_cli_writes_a_profile_the_bench_accepts(tiny_llama: Path, tmp_
     parser = argparse.ArgumentParser()
     add_calibrate_arguments(parser)
     profile = tmp_path / "profile.json"
-    args = parser.parse_args([str(tiny_llama), "--out", str(profile), "--num-threads", "1", "--requests-per-run", "12"])
+    argv = [str(tiny_llama), "--out", str(profile), "--num-threads", "1", "--requests-per-run", "12", "--variability"]
+    args = parser.parse_args(argv)
     assert run_calibrate(args) == 0
     data = json.loads(profile.read_text())
     assert data["kind"] == "chameleon.cost_profile" and data["engine"]["max_model_len"] == 512
     assert data["lora_s_per_token_rank"] >= 0 and data["load_Bps"] > 0
+    assert data["step_time_ratios"] == sorted(data["step_time_ratios"]) and len(data["step_time_ratios"]) > 10
 
     bench = argparse.ArgumentParser()
     add_bench_arguments(bench)
