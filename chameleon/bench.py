@@ -480,10 +480,13 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _sig(value: float | None) -> str:
-    """Seconds with 3 significant digits: TTFTs range from milliseconds (a tiny model) to minutes."""
+    """Seconds, in a column that lines up: milliseconds below 10 s (a tiny model's TTFTs), tenths above
+    (overloaded runs reach minutes)."""
     if value is None or math.isnan(value):
         return "-"
-    return "inf" if math.isinf(value) else f"{value:.3g}"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def format_table(

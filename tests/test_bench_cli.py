@@ -100,3 +100,42 @@ def test_paper_workload_needs_a_multiple_of_five_adapters(capsys: pytest.Capture
 def test_real_executor_needs_a_model_dir(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_bench(_args("--executor", "real", "--policies", "slora", "--no-progress")) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_real_executor_with_an_adapter_dir(
+    tmp_path: Path, tiny_llama: Path, tiny_adapters: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--executor real`: the tiny model and real PEFT adapters, bound onto the workload's names."""
+    adapter_dir = next(iter(tiny_adapters.values())).parent
+    out = tmp_path / "real.json"
+    args = _args(
+        "--executor", "real", "--model", str(tiny_llama), "--adapter-dir", str(adapter_dir),
+        "--policies", "slora,chameleon", "--workload", "slora", "--adapters", "6", "--rates", "4",
+        "--duration", "2", "--input-range", "8,32", "--output-range", "4,12", "--refine-steps", "0",
+        "--seed", "3", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert run_bench(args) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("REAL") and "SIMULATED" not in table
+    data = _strict_json(out)
+    assert data["simulated"] is False and data["adapter_dir"] == str(adapter_dir)
+    for policy in ("slora", "chameleon"):
+        run = data["results"][policy]["4"]
+        assert run["num_requests"] > 0 and run["num_finished"] == run["num_requests"]
+        assert run["adapter_hits"] + run["adapter_misses"] > 0  # adapters were really used
+
+
+def test_real_executor_refuses_a_dir_without_adapters(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _args("--executor", "real", "--model", str(tiny_llama), "--adapter-dir", str(tmp_path), "--no-progress")
+    assert run_bench(args) == 2
+    assert "no PEFT adapter subdirectories" in capsys.readouterr().err
+
+
+def test_table_seconds_line_up() -> None:
+    from chameleon.bench import _sig
+
+    assert [_sig(v) for v in (0.0123, 0.784, 9.9994, 12.04, 112.0, float("inf"), None)] == [
+        "0.012", "0.784", "9.999", "12.0", "112.0", "inf", "-",
+    ]  # fmt: skip
