@@ -118,8 +118,15 @@ async def run_online(spec: dict[str, Any]) -> dict[str, Any]:
             if slo is not None and any(r < run["rate"] and _median(v) > slo for r, v in p99s.items()):
                 print(f"vllm {run['key']}: skipped (a lower rate already missed the SLO)", file=sys.stderr, flush=True)
                 continue
-            await asyncio.sleep(2.0)  # the engine busy-polls a core for ~1 s after work: start idle
-            out[run["key"]] = recs = await _online_run(engine, loras, run["requests"], run["key"])
+            for attempt in range(4):  # redone while the hypervisor took > 5% of the CPU (see bench_peers)
+                await asyncio.sleep(2.0)  # the engine busy-polls a core for ~1 s after work: start idle
+                s0, t0 = _steal_s(), time.perf_counter()
+                recs = await _online_run(engine, loras, run["requests"], f"{run['key']}-{attempt}")
+                share = (_steal_s() - s0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+                if share <= 0.05:
+                    break
+                out.setdefault("stolen", []).append(f"vllm {run['rate']} req/s: {share:.0%} stolen")
+            out[run["key"]] = recs
             ttft = sorted((r["first_token_s"] - r["arrival_s"]) if r["first_token_s"] is not None else float("inf")
                           for r in recs)
             p99s.setdefault(run["rate"], []).append(_p99(ttft))
@@ -127,6 +134,14 @@ async def run_online(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         engine.shutdown()
     return out
+
+
+def _steal_s() -> float:
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _median(v: list[float]) -> float:
