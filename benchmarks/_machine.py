@@ -20,3 +20,12 @@ def machine_line() -> str:
         f"{cpu} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | {gpu} | "
         f"python {platform.python_version()} | torch {torch.__version__}"
     )
+
+
+def steal_s() -> float:
+    """CPU seconds the hypervisor has taken from this VM since boot (Linux /proc/stat 'steal')."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0

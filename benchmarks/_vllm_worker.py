@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from _machine import steal_s  # this script's folder is on sys.path when run as a file
+
 
 def _lora_requests(adapters: dict[str, str]) -> dict[str, Any]:
     from vllm.lora.request import LoRARequest
@@ -120,9 +122,9 @@ async def run_online(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             for attempt in range(4):  # redone while the hypervisor took > 5% of the CPU (see bench_peers)
                 await asyncio.sleep(2.0)  # the engine busy-polls a core for ~1 s after work: start idle
-                s0, t0 = _steal_s(), time.perf_counter()
+                s0, t0 = steal_s(), time.perf_counter()
                 recs = await _online_run(engine, loras, run["requests"], f"{run['key']}-{attempt}")
-                share = (_steal_s() - s0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+                share = (steal_s() - s0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
                 if share <= 0.05:
                     break
                 out.setdefault("stolen", []).append(f"vllm {run['rate']} req/s: {share:.0%} stolen")
@@ -134,14 +136,6 @@ async def run_online(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         engine.shutdown()
     return out
-
-
-def _steal_s() -> float:
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def _median(v: list[float]) -> float:

@@ -58,7 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _machine import machine_line  # noqa: E402
+from _machine import machine_line, steal_s  # noqa: E402
 from _peer_assets import (  # noqa: E402
     OFFLINE_ADAPTERS,
     OFFLINE_TARGETS,
@@ -136,15 +136,6 @@ def _busy_cores(window_s: float) -> float:
     time.sleep(window_s)
     b = busy()
     return 0.0 if a is None or b is None else (b[0] - a[0]) / (b[1] - a[1])
-
-
-def steal_s() -> float:
-    """CPU seconds the hypervisor has taken from this VM since boot (Linux /proc/stat 'steal')."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 MAX_STEAL = 0.05  # a run during which the hypervisor took more than this share of the CPU is redone
