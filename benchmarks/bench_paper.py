@@ -69,26 +69,27 @@ def bench_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
     )  # fmt: skip
 
 
+def _bench(args: argparse.Namespace, seed: int) -> Bench:
+    a = bench_args(args, seed)
+    return Bench(a, sim_factory(a), POLICIES)
+
+
 def _capacity(args: argparse.Namespace, seed: int) -> float:
     """Requests/s `slora` finishes when heavily overloaded: the grid of the throughput search is built
     around it."""
-    b = Bench(bench_args(args, seed), sim_factory(bench_args(args, seed)), POLICIES)
-    return b.run("slora", args.overload_rate).summary.throughput_rps
+    return _bench(args, seed).run("slora", args.overload_rate).summary.throughput_rps
 
 
 def _tput(job: tuple[argparse.Namespace, int, str, tuple[float, ...]]) -> tuple[int, str, float, int]:
     args, seed, policy, grid = job
-    a = bench_args(args, seed)
-    b = Bench(a, sim_factory(a), POLICIES)
-    t = throughput_at_slo(lambda r: b.run(policy, r).summary, grid, slo_ttft_s=a.slo_ttft, refine_steps=4)
+    b = _bench(args, seed)
+    t = throughput_at_slo(lambda r: b.run(policy, r).summary, grid, slo_ttft_s=b.args.slo_ttft, refine_steps=4)
     return seed, policy, t, len(b.results)
 
 
 def _at(job: tuple[argparse.Namespace, int, str, float]) -> tuple[int, str, float, dict[str, Any]]:
     args, seed, policy, rate = job
-    a = bench_args(args, seed)
-    b = Bench(a, sim_factory(a), POLICIES)
-    r = b.run(policy, rate)
+    r = _bench(args, seed).run(policy, rate)
     return seed, policy, rate, {**r.summary.as_dict(), **r.extra}
 
 
