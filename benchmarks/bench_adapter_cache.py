@@ -25,8 +25,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from chameleon import EngineConfig, SamplingParams  # noqa: E402
 from chameleon.clock import ManualClock  # noqa: E402
-from chameleon.factory import build_core  # noqa: E402
-from chameleon.workload import Workload, slora_workload  # noqa: E402
+from chameleon.engine.factory import build_core  # noqa: E402
+from chameleon.harness.workload import Workload, slora_workload  # noqa: E402
 
 
 def tiny_model(path: Path) -> Path:

@@ -18,7 +18,7 @@ fractions of the measured `slora` throughput at SLO (median over seeds).
 
 Steps, per seed (seeds change arrivals, lengths and adapter assignment):
 1. every policy's throughput at SLO: a scan over a grid around `slora`'s saturated throughput,
-   then bisection (`chameleon.metrics.throughput_at_slo`);
+   then bisection (`chameleon.harness.metrics.throughput_at_slo`);
 2. every policy at the three load levels.
 Medians over seeds are reported, with the spread (min-max) where it matters.
 Runs go to a process pool (the simulation is deterministic, so parallel runs change nothing).
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line  # noqa: E402
 
-from chameleon.bench import Bench, add_bench_arguments, sim_factory  # noqa: E402
-from chameleon.metrics import RunSummary, throughput_at_slo  # noqa: E402
-from chameleon.sim.runner import POLICIES  # noqa: E402
+from chameleon.harness.bench import Bench, add_bench_arguments, sim_factory  # noqa: E402
+from chameleon.harness.metrics import RunSummary, throughput_at_slo  # noqa: E402
+from chameleon.harness.driver import POLICIES  # noqa: E402
 
 # SPEC §1: Chameleon vs S-LoRA, A40, Llama-7B.
 PAPER_RATES = (6.0, 8.0, 9.0)

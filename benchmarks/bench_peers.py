@@ -18,9 +18,9 @@ requests of 256 x 64) against PEFT generating one request at a time (no padding)
 as `tests/test_lora_engine.py`.
 
 (B) online: 32 adapters of ranks 8/16/32/64 on q/k/v/o, S-LoRA power-law popularity
-(`chameleon.workload.slora_workload`, alpha 0.3), Poisson arrivals at several rates, prompts of
+(`chameleon.harness.workload.slora_workload`, alpha 0.3), Poisson arrivals at several rates, prompts of
 8-256 tokens, 8-128 new tokens. Real wall-clock arrivals, open loop: TTFT counts from the scheduled
-arrival. Ours: `EngineCore` driven by `chameleon.sim.runner.run_workload` on a monotonic clock,
+arrival. Ours: `EngineCore` driven by `chameleon.harness.driver.run_workload` on a monotonic clock,
 under the `chameleon` policy (MLQ scheduler + Chameleon adapter cache) and the `slora` baseline
 (FIFO + evict at refcount 0). vLLM: its `AsyncLLM` with one asyncio task per request, woken at
 the request's arrival time.
@@ -70,7 +70,7 @@ from _peer_assets import (  # noqa: E402
 )
 
 from chameleon import EngineConfig, SamplingParams  # noqa: E402
-from chameleon.factory import build_core  # noqa: E402
+from chameleon.engine.factory import build_core  # noqa: E402
 
 DEFAULT_PEER = "/tmp/vllm-venv/bin/python"
 WORKER = Path(__file__).resolve().parent / "_vllm_worker.py"
@@ -441,9 +441,9 @@ def _report_steal() -> None:
 
 def online(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from chameleon.clock import MonotonicClock
-    from chameleon.metrics import RequestRecord, summarize
-    from chameleon.sim.runner import run_workload, warm_up
-    from chameleon.workload import slora_workload
+    from chameleon.harness.metrics import RequestRecord, summarize
+    from chameleon.harness.driver import run_workload, warm_up
+    from chameleon.harness.workload import slora_workload
 
     model = make_tiny_model(root / "model")
     rates = sorted(args.rates or ([8.0, 32.0] if args.quick else [4.0, 8.0, 16.0, 32.0]))

@@ -24,7 +24,7 @@ from _machine import machine_line  # noqa: E402
 from _peer_assets import PROMPT_TEXTS  # noqa: E402
 
 from chameleon import EngineConfig, SamplingParams  # noqa: E402
-from chameleon.factory import build_core  # noqa: E402
+from chameleon.engine.factory import build_core  # noqa: E402
 
 PROMPTS = PROMPT_TEXTS[:8]  # the same eight prompts the recorded figures used
 

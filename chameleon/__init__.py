@@ -1,21 +1,48 @@
-"""Chameleon: serve one base LLM with many LoRA adapters at low tail latency."""
+"""Chameleon: serve one base LLM with many LoRA adapters at low tail latency.
 
-from chameleon.async_engine import AsyncEngine, RequestStream
-from chameleon.config import EngineConfig
-from chameleon.engine_core import EngineCore, EngineStats
-from chameleon.outputs import RequestMetrics, RequestOutput
-from chameleon.sampling_params import SamplingParams
+The exports are lazy (PEP 562): `import chameleon.sched` or `chameleon.sim` must not pull in torch,
+transformers or triton, which only the async front end, the executor and the model need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AsyncEngine",
-    "EngineConfig",
-    "EngineCore",
-    "EngineStats",
-    "RequestMetrics",
-    "RequestOutput",
-    "RequestStream",
-    "SamplingParams",
-    "__version__",
-]
+_EXPORTS = {
+    "AsyncEngine": "chameleon.engine.async_engine",
+    "RequestStream": "chameleon.engine.async_engine",
+    "EngineConfig": "chameleon.config",
+    "EngineCore": "chameleon.engine.core",
+    "EngineStats": "chameleon.engine.stats",
+    "RequestMetrics": "chameleon.outputs",
+    "RequestOutput": "chameleon.outputs",
+    "AdapterInfo": "chameleon.outputs",
+    "SamplingParams": "chameleon.sampling_params",
+}
+
+if TYPE_CHECKING:
+    from chameleon.config import EngineConfig
+    from chameleon.engine.async_engine import AsyncEngine, RequestStream
+    from chameleon.engine.core import EngineCore
+    from chameleon.engine.stats import EngineStats
+    from chameleon.outputs import AdapterInfo, RequestMetrics, RequestOutput
+    from chameleon.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chameleon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [*_EXPORTS, "__version__"]

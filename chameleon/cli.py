@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--model", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("questions", nargs="*", help="questions to ask (default: four built-in ones)")
-    from chameleon.bench import add_bench_arguments, run_bench
-    from chameleon.calibrate import add_calibrate_arguments, run_calibrate
+    from chameleon.harness.bench import add_bench_arguments, run_bench
+    from chameleon.harness.calibrate import add_calibrate_arguments, run_calibrate
 
     add_bench_arguments(
         sub.add_parser("bench", help="serve a workload under several policies and rates (simulated GPU or real)")

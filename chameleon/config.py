@@ -7,7 +7,7 @@ from typing import Literal
 import attrs
 
 from chameleon.errors import ConfigError
-from chameleon.policies.options import SchedulerOptions
+from chameleon.sched.options import SchedulerOptions
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]

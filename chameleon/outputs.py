@@ -42,3 +42,15 @@ class RequestOutput:
     finish_reason: FinishReason | None
     metrics: RequestMetrics
     error: str | None = None  # set when the request was aborted by a failed iteration
+
+@attrs.frozen
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int  # the adapter config's r
+    max_rank: int  # largest rank over its modules (rank_pattern); rows it occupies on the device
+    target_modules: tuple[str, ...]
+    host_bytes: int  # its weights in host memory
+    device_bytes: int  # what it occupies in the device pool when resident
+    content_hash: str
+    pinned: bool = False

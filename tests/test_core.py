@@ -8,11 +8,11 @@ import attrs
 import pytest
 
 from chameleon import EngineConfig, SamplingParams
-from chameleon.block_manager import KVBlockManager
+from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.clock import ManualClock
-from chameleon.engine_core import EngineCore
-from chameleon.factory import build_core
-from chameleon.request import Request
+from chameleon.engine.core import EngineCore
+from chameleon.engine.factory import build_core
+from chameleon.sched.request import Request
 
 
 def make_request(rid: str, prompt_len: int) -> Request:

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
 
-from chameleon.detokenizer import DetokenizerUpdate, IncrementalDetokenizer  # noqa: E402
+from chameleon.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer  # noqa: E402
 from chameleon.errors import InvalidSamplingParamsError  # noqa: E402
 
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,7 +17,7 @@ from chameleon.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from chameleon.factory import build_core
+from chameleon.engine.factory import build_core
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from chameleon import AsyncEngine, EngineConfig, SamplingParams
-from chameleon.engine_core import EngineCore
+from chameleon.engine.core import EngineCore
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -22,7 +22,7 @@ from chameleon.errors import (
     UnsafeAdapterFormatError,
     UnsupportedAdapterError,
 )
-from chameleon.factory import build_core
+from chameleon.engine.factory import build_core
 
 NAMES = [None, "a8", "b16", "c64", "d8"]
 

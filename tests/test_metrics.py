@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chameleon.metrics import (
+from chameleon.harness.metrics import (
     HEADLINE_KEYS,
     RequestRecord,
     RunSummary,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chameleon.errors import ConfigError
-from chameleon.mlq import (
+from chameleon.sched.mlq.math import (
     ArrivalRateEstimator,
     MLQConfig,
     QueueLayout,

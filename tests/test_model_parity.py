@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from chameleon import EngineConfig, SamplingParams
-from chameleon.engine_core import EngineCore
-from chameleon.factory import build_core
-from chameleon.policies import SchedulerOptions
+from chameleon.engine.core import EngineCore
+from chameleon.engine.factory import build_core
+from chameleon.sched import SchedulerOptions
 from tests.conftest import save_tiny_model
 
 

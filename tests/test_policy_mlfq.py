@@ -5,10 +5,10 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from chameleon.policies import make_policy
-from chameleon.policies.mlfq import DEFAULT_PREFILL_S_PER_TOKEN, EMA_WEIGHT, MLFQPolicy
-from chameleon.policies.options import SchedulerOptions
-from chameleon.request import Request, RequestStatus
+from chameleon.sched import make_policy
+from chameleon.sched.mlfq import DEFAULT_PREFILL_S_PER_TOKEN, EMA_WEIGHT, MLFQPolicy
+from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.request import Request, RequestStatus
 from chameleon.sampling_params import SamplingParams
 
 # Quanta: level 0: 0.05 s, 1: 0.1 s, 2: 0.2 s, 3: 0.4 s. Default prefill cost 1e-4 s/token.

@@ -7,14 +7,14 @@ from collections.abc import Callable, Iterable
 import attrs
 import pytest
 
-from chameleon.mlq import QueueLayout
-from chameleon.policies.base import AdmissionPolicy
-from chameleon.policies.fifo import FifoPolicy
-from chameleon.policies.mlq import MLQPolicy
-from chameleon.policies.options import SchedulerOptions
-from chameleon.policies.sjf import SjfPolicy
-from chameleon.predictors import make_predictor
-from chameleon.request import Request, RequestStatus
+from chameleon.sched.mlq.math import QueueLayout
+from chameleon.sched.policy import AdmissionPolicy
+from chameleon.sched.fifo import FifoPolicy
+from chameleon.sched.mlq.policy import MLQPolicy
+from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.sjf import SjfPolicy
+from chameleon.sched.predictors import make_predictor
+from chameleon.sched.request import Request, RequestStatus
 from chameleon.sampling_params import SamplingParams
 
 CAPACITY = 1000

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chameleon.errors import ConfigError
-from chameleon.predictors import (
+from chameleon.sched.predictors import (
     HistoryPredictor,
     MissingTrueLengthError,
     NoisyOraclePredictor,
@@ -228,7 +228,7 @@ ALLOWED = {"__future__", "attrs", "numpy", "chameleon.errors"}
 STDLIB = {"bisect", "math", "random", "collections", "collections.abc", "typing", "fractions", "types"}
 
 
-@pytest.mark.parametrize("module", ["predictors.py", "mlq.py"])
+@pytest.mark.parametrize("module", ["sched/predictors.py", "sched/mlq/math.py"])
 def test_policy_modules_import_nothing_heavy(module: str) -> None:
     """Policy code runs under the simulator: no torch, no model, no executors, nothing async."""
     tree = ast.parse((Path(__file__).parents[1] / "chameleon" / module).read_text())

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from chameleon import EngineConfig, SamplingParams
-from chameleon.engine_core import EngineCore
-from chameleon.factory import build_core
-from chameleon.policies.fifo import FifoPolicy
-from chameleon.request import Request
+from chameleon.engine.core import EngineCore
+from chameleon.engine.factory import build_core
+from chameleon.sched.fifo import FifoPolicy
+from chameleon.sched.request import Request
 
 
 class PreemptEveryFewSteps(FifoPolicy):
@@ -87,7 +87,7 @@ def test_aborting_a_swapped_request_drops_its_host_copy(tiny_llama: Path) -> Non
 def test_mlfq_preemption_with_swap_is_token_identical(tiny_llama: Path, tiny_adapters: dict[str, Path]) -> None:
     """FastServe's MLFQ with quanta small enough to preempt and swap all the time."""
     from chameleon.clock import ManualClock
-    from chameleon.policies import SchedulerOptions
+    from chameleon.sched import SchedulerOptions
 
     clock = ManualClock()
     options = SchedulerOptions(mlfq_base_quantum_s=0.02, mlfq_promote_after_s=0.3)

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from chameleon.clock import ManualClock
 from chameleon.errors import AdapterValidationError
-from chameleon.metrics import summarize
-from chameleon.request import Request
+from chameleon.harness.metrics import summarize
+from chameleon.sched.request import Request
 from chameleon.sampling_params import SamplingParams
-from chameleon.scheduler import ScheduledRequest, SchedulerOutput
+from chameleon.sched.scheduler import ScheduledRequest, SchedulerOutput
 from chameleon.sim.cost_model import (
     A40_48GB,
     LLAMA_7B,
@@ -28,8 +28,9 @@ from chameleon.sim.cost_model import (
     memory_plan,
 )
 from chameleon.sim.executor import SimulatedExecutor, synthetic_path
-from chameleon.sim.runner import POLICIES, build_sim_engine, run_workload
-from chameleon.workload import AdapterSpec, Workload, WorkloadRequest, slora_workload, trace_workload
+from chameleon.harness.driver import POLICIES, run_workload
+from chameleon.sim.engine import build_sim_engine
+from chameleon.harness.workload import AdapterSpec, Workload, WorkloadRequest, slora_workload, trace_workload
 
 MiB = 1 << 20
 MODEL = AnalyticCostModel(A40_48GB, LLAMA_7B)
@@ -266,7 +267,7 @@ def test_run_workload_sleeps_on_a_real_clock() -> None:
         decode_e_s_per_ctx_token=0.0,
         engine=ProfileEngine(100, 16, 1024, 64, 64, 512, 100, 8, 512),
     )
-    from chameleon.engine_core import CoreLimits, EngineCore
+    from chameleon.engine.core import CoreLimits, EngineCore
 
     ex = SimulatedExecutor.from_profile(profile, clock)  # type: ignore[arg-type]
     core = EngineCore(ex, CoreLimits(512, 100, 8, 512), scheduler="fifo", adapter_cache="lru", clock=clock)

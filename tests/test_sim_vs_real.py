@@ -31,14 +31,15 @@ from typing import TypeVar
 import attrs
 import pytest
 
-from chameleon.calibrate import calibrate
+from chameleon.harness.calibrate import calibrate
 from chameleon.clock import MonotonicClock
 from chameleon.config import EngineConfig
-from chameleon.factory import build_core
-from chameleon.metrics import RunSummary, summarize
+from chameleon.engine.factory import build_core
+from chameleon.harness.metrics import RunSummary, summarize
 from chameleon.sim.cost_model import CostProfile
-from chameleon.sim.runner import build_sim_engine, run_workload, warm_up
-from chameleon.workload import Workload, slora_workload
+from chameleon.harness.driver import run_workload, warm_up
+from chameleon.sim.engine import build_sim_engine
+from chameleon.harness.workload import Workload, slora_workload
 
 TOLERANCE = 0.25
 LOAD = 0.6  # of the measured capacity
@@ -140,8 +141,8 @@ def test_simulated_and_real_ttft_agree(tiny_llama: Path, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_calibrate_cli_writes_a_profile_the_bench_accepts(tiny_llama: Path, tmp_path: Path) -> None:
-    from chameleon.bench import add_bench_arguments, run_bench
-    from chameleon.calibrate import add_calibrate_arguments, run_calibrate
+    from chameleon.harness.bench import add_bench_arguments, run_bench
+    from chameleon.harness.calibrate import add_calibrate_arguments, run_calibrate
 
     parser = argparse.ArgumentParser()
     add_calibrate_arguments(parser)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chameleon import EngineConfig, SamplingParams
-from chameleon.factory import build_core
+from chameleon.engine.factory import build_core
 
 pytestmark = pytest.mark.slow
 

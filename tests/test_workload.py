@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chameleon.workload import (
+from chameleon.harness.workload import (
     PAPER_RANKS,
     AdapterSpec,
     Workload,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from chameleon.adapter_info import AdapterInfo
-from chameleon.scheduler import SchedulerOutput
+from chameleon.outputs import AdapterInfo
+from chameleon.sched.scheduler import SchedulerOutput
 
 
 class Executor(Protocol):

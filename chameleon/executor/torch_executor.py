@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from chameleon.adapter_info import AdapterInfo
+from chameleon.outputs import AdapterInfo
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter, load_peft_adapter
@@ -18,8 +18,8 @@ from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
-from chameleon.sampler import sample_from_hidden
-from chameleon.scheduler import SchedulerOutput
+from chameleon.executor.sampler import sample_from_hidden
+from chameleon.sched.scheduler import SchedulerOutput
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:

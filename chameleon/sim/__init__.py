@@ -2,7 +2,8 @@
 
 `cost_model` (hardware and model presets, the analytic roofline calibrated to the paper, measured
 profiles), `executor` (`SimulatedExecutor`, the `Executor` protocol on a virtual clock) and
-`runner` (the open-loop driver shared with real runs, `build_sim_engine`, the policy table).
+`engine` (`build_sim_engine`: the real engine core over the simulated executor). The open-loop
+driver shared with real runs lives in `chameleon.harness.driver`.
 Nothing here imports torch. A simulated result is always labelled as one.
 """
 
@@ -18,13 +19,12 @@ from chameleon.sim.cost_model import (
     ModelCost,
 )
 from chameleon.sim.executor import SimulatedExecutor, synthetic_path
-from chameleon.sim.runner import POLICIES, build_sim_engine, run_workload
+from chameleon.sim.engine import build_sim_engine
 
 __all__ = [
     "A40_LLAMA7B_CALIBRATION",
     "GPUS",
     "MODELS",
-    "POLICIES",
     "AnalyticCostModel",
     "BatchShape",
     "Calibration",
@@ -33,6 +33,5 @@ __all__ = [
     "ModelCost",
     "SimulatedExecutor",
     "build_sim_engine",
-    "run_workload",
     "synthetic_path",
 ]

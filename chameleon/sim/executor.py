@@ -37,10 +37,10 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from chameleon.adapter_info import AdapterInfo
+from chameleon.outputs import AdapterInfo
 from chameleon.clock import ManualClock
 from chameleon.errors import AdapterNotFoundError, AdapterValidationError
-from chameleon.scheduler import SchedulerOutput
+from chameleon.sched.scheduler import SchedulerOutput
 from chameleon.sim.cost_model import (
     A40_LLAMA7B_CALIBRATION,
     DEFAULT_LORA_TARGETS,

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from chameleon.arrival_predictor import ArrivalPredictor
+from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
-from chameleon.engine_core import CoreLimits, EngineCore
+from chameleon.engine.core import CoreLimits, EngineCore
 from chameleon.errors import ConfigError, ModelLoadError
 from chameleon.executor.torch_executor import (
     TorchExecutor,
@@ -23,7 +23,7 @@ from chameleon.executor.torch_executor import (
     resolve_lora_backend,
 )
 from chameleon.model.loader import load_hf_config, load_model
-from chameleon.memory import MemoryBudget
+from chameleon.memory.budget import MemoryBudget
 from chameleon.model.spec import ModelSpec, model_spec_from_config
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from typing import Any
 import attrs
 import torch
 
-from chameleon.adapter_cache import AdapterCache, CachePolicyName
-from chameleon.adapter_info import AdapterInfo
-from chameleon.arrival_predictor import ArrivalPredictor
-from chameleon.block_manager import KVBlockManager
+from chameleon.memory.adapter_cache import AdapterCache, CachePolicyName
+from chameleon.outputs import AdapterInfo
+from chameleon.memory.arrival_predictor import ArrivalPredictor
+from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.clock import Clock, MonotonicClock
-from chameleon.detokenizer import IncrementalDetokenizer
+from chameleon.engine.detokenizer import IncrementalDetokenizer
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -27,12 +27,12 @@ from chameleon.errors import (
     PromptTooLongError,
 )
 from chameleon.executor.base import Executor
-from chameleon.memory import MemoryBudget
+from chameleon.memory.budget import MemoryBudget
 from chameleon.outputs import FinishReason, RequestOutput
-from chameleon.policies import SchedulerOptions, make_policy
-from chameleon.request import Request
+from chameleon.sched import SchedulerOptions, make_policy
+from chameleon.sched.request import Request
 from chameleon.sampling_params import SamplingParams
-from chameleon.scheduler import Scheduler, SchedulerOutput
+from chameleon.sched.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 

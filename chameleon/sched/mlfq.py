@@ -70,9 +70,9 @@ from typing import Any
 
 import attrs
 
-from chameleon.policies.base import PolicyBase
-from chameleon.policies.options import SchedulerOptions
-from chameleon.request import Request
+from chameleon.sched.policy import PolicyBase
+from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.request import Request
 
 __all__ = ["DEFAULT_PREFILL_S_PER_TOKEN", "EMA_WEIGHT", "MLFQPolicy"]
 

@@ -2,8 +2,8 @@
 
 The mechanism lives here: the token budget, KV blocks, adapter residency, and how a preemption
 happens (drop the KV and recompute later, or swap it to host memory and back). The *order* of
-things is the policy's (`chameleon.policies`): who is admitted first, who is preempted, who is
-the victim when KV runs short. Memory is one budget (`chameleon.memory`): when KV needs room,
+things is the policy's (`chameleon.sched`): who is admitted first, who is preempted, who is
+the victim when KV runs short. Memory is one budget (`chameleon.memory.budget`): when KV needs room,
 idle adapters are evicted before any request is preempted, because KV always wins.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import attrs
 
-from chameleon.adapter_cache import Acquired, AdapterCache
-from chameleon.block_manager import KVBlockManager, blocks_for
-from chameleon.policies.base import AdmissionPolicy
-from chameleon.request import Request, RequestStatus
+from chameleon.memory.adapter_cache import Acquired, AdapterCache
+from chameleon.memory.kv_blocks import KVBlockManager, blocks_for
+from chameleon.sched.policy import AdmissionPolicy
+from chameleon.sched.request import Request, RequestStatus
 
 
 @attrs.frozen

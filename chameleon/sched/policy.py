@@ -1,6 +1,6 @@
 """The interface between the scheduler's mechanism and a scheduling policy.
 
-The mechanism (`chameleon.scheduler.Scheduler`) owns KV blocks, adapter residency, the token budget
+The mechanism (`chameleon.sched.scheduler.Scheduler`) owns KV blocks, adapter residency, the token budget
 and how a preemption happens (recompute, or swap the KV to host memory). A policy owns the waiting
 requests and decides order: who is admitted first, who is preempted, who is the victim when KV
 runs short. A policy never touches tensors, the model or the executor; it sees the engine only
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from chameleon.request import Request
+from chameleon.sched.request import Request
 
 
 class SchedulingView(Protocol):

@@ -176,7 +176,7 @@ class Workload:
 
     def write_jsonl(self, f: TextIO) -> None:
         header = {
-            "type": "chameleon.workload",
+            "type": "chameleon.harness.workload",
             "version": 1,
             "description": self.description,
             "adapters": [attrs.asdict(a) for a in self.adapters],
@@ -196,7 +196,7 @@ class Workload:
         if not lines:
             raise ValueError("empty workload file")
         header = json.loads(lines[0])
-        if header.get("type") != "chameleon.workload":
+        if header.get("type") != "chameleon.harness.workload":
             raise ValueError("not a chameleon workload file (bad header line)")
         adapters = [AdapterSpec(name=a["name"], rank=int(a["rank"])) for a in header["adapters"]]
         requests = [_request_from_dict(json.loads(line)) for line in lines[1:]]

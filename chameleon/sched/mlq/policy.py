@@ -1,7 +1,7 @@
 """Chameleon's quota-based multi-level queue (paper §4.3) behind the `AdmissionPolicy` interface.
 
 The arithmetic (WRS, K-means cut-offs, M/M/1 quotas, the quota ledger, load estimators) lives in
-`chameleon.mlq`; this module applies it to the requests the scheduler hands us. Every rule and
+`chameleon.sched.mlq.math`; this module applies it to the requests the scheduler hands us. Every rule and
 estimate it uses:
 
 Sizing a request (on `add`)
@@ -100,7 +100,7 @@ from typing import Any
 
 import attrs
 
-from chameleon.mlq import (
+from chameleon.sched.mlq.math import (
     ArrivalRateEstimator,
     MLQConfig,
     QueueLayout,
@@ -109,11 +109,11 @@ from chameleon.mlq import (
     request_tokens,
     weighted_request_size,
 )
-from chameleon.policies.base import PolicyBase, SchedulingView
-from chameleon.policies.options import SchedulerOptions
-from chameleon.policies.prediction import observe, predict
-from chameleon.predictors import OutputLengthPredictor
-from chameleon.request import Request
+from chameleon.sched.policy import PolicyBase, SchedulingView
+from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.prediction import observe, predict
+from chameleon.sched.predictors import OutputLengthPredictor
+from chameleon.sched.request import Request
 
 __all__ = ["BYPASS_SCAN", "MLQPolicy"]
 

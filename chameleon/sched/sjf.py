@@ -11,10 +11,10 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from chameleon.policies.base import PolicyBase
-from chameleon.policies.prediction import observe, predict
-from chameleon.predictors import OutputLengthPredictor
-from chameleon.request import Request
+from chameleon.sched.policy import PolicyBase
+from chameleon.sched.prediction import observe, predict
+from chameleon.sched.predictors import OutputLengthPredictor
+from chameleon.sched.request import Request
 
 
 class SjfPolicy(PolicyBase):

@@ -65,14 +65,14 @@ import numpy as np
 
 from chameleon.clock import MonotonicClock
 from chameleon.config import EngineConfig
-from chameleon.engine_core import EngineCore
+from chameleon.engine.core import EngineCore
 from chameleon.outputs import RequestOutput
 from chameleon.sampling_params import SamplingParams
-from chameleon.scheduler import SchedulerOutput
+from chameleon.sched.scheduler import SchedulerOutput
 from chameleon.sim.cost_model import BatchShape, CostProfile, ProfileEngine, fit_nonnegative
 from chameleon.sim.executor import batch_shape
-from chameleon.sim.runner import PROMPT_TOKEN_ID, run_workload, warm_up
-from chameleon.workload import Workload, WorkloadRequest
+from chameleon.harness.driver import PROMPT_TOKEN_ID, run_workload, warm_up
+from chameleon.harness.workload import Workload, WorkloadRequest
 
 __all__ = ["StepSample", "add_calibrate_arguments", "calibrate", "run_calibrate", "write_synthetic_peft_adapter"]
 
@@ -234,7 +234,7 @@ def calibrate(
     half the context and the batch token budget. `lora_rank=None` skips the LoRA and load
     measurements (the profile then charges nothing for LoRA and loads adapters instantly).
     """
-    from chameleon.factory import build_core
+    from chameleon.engine.factory import build_core
 
     say = log or (lambda _msg: None)
     config = config or EngineConfig(scheduler="fifo", adapter_cache="lru")
@@ -284,7 +284,7 @@ def calibrate(
         "device": str(getattr(ex, "device", "?")),
         "dtype": str(getattr(ex, "dtype", "?")),
         "threads": _torch_threads(),
-        "method": "in-situ step regression (see chameleon.calibrate)",
+        "method": "in-situ step regression (see chameleon.harness.calibrate)",
         "capacity_rps": capacity,
         "steps_fitted": len(logged.samples),
         "step_fit_abs_rel_error_p50": abs_res[len(abs_res) // 2] if abs_res else None,

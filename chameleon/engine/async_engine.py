@@ -21,10 +21,10 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from chameleon.adapter_info import AdapterInfo
+from chameleon.outputs import AdapterInfo
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
-from chameleon.engine_core import EngineCore
+from chameleon.engine.core import EngineCore
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -103,7 +103,7 @@ class AsyncEngine:
     def from_pretrained(
         cls, path: str | os.PathLike[str], config: EngineConfig | None = None, *, clock: Clock | None = None
     ) -> AsyncEngine:
-        from chameleon.factory import build_core
+        from chameleon.engine.factory import build_core
 
         return cls(build_core(path, config or EngineConfig(), clock=clock))
 

@@ -6,8 +6,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from chameleon.policies.base import PolicyBase
-from chameleon.request import Request
+from chameleon.sched.policy import PolicyBase
+from chameleon.sched.request import Request
 
 
 class FifoPolicy(PolicyBase):

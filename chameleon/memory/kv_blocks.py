@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from chameleon.memory import MemoryBudget
-from chameleon.request import Request
+from chameleon.memory.budget import MemoryBudget
+from chameleon.sched.request import Request
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from chameleon.predictors import OutputLengthPredictor, PredictionInput
-from chameleon.request import Request
+from chameleon.sched.predictors import OutputLengthPredictor, PredictionInput
+from chameleon.sched.request import Request
 
 
 def prediction_input(request: Request) -> PredictionInput:

@@ -1,8 +1,8 @@
 """`chameleon bench`: run workloads against policies and rates, on a simulated GPU or the real engine.
 
-For each policy (a scheduler + adapter-cache pair, `chameleon.sim.runner.POLICIES`) and each rate,
+For each policy (a scheduler + adapter-cache pair, `chameleon.harness.driver.POLICIES`) and each rate,
 a fresh engine replays the same seeded workload open-loop (`run_workload`); the records are
-summarised with `chameleon.metrics.summarize`, the adapter hit rate comes from the engine's
+summarised with `chameleon.harness.metrics.summarize`, the adapter hit rate comes from the engine's
 statistics (hits / (hits + misses)). Throughput at SLO per policy is the highest rate whose P99
 TTFT meets `--slo-ttft`: the given rates are scanned in order, then the gap between the last
 passing and the first failing one is bisected `--refine-steps` times (`metrics.throughput_at_slo`).
@@ -38,13 +38,14 @@ from typing import Any
 import attrs
 
 from chameleon.clock import Clock, MonotonicClock
-from chameleon.engine_core import EngineCore
+from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
-from chameleon.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
-from chameleon.policies.options import SchedulerOptions
+from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
+from chameleon.sched.options import SchedulerOptions
 from chameleon.sim.cost_model import A40_LLAMA7B_CALIBRATION, GPUS, MODELS, CostProfile, get_gpu, get_model
-from chameleon.sim.runner import POLICIES, build_sim_engine, run_workload, warm_up
-from chameleon.workload import (
+from chameleon.harness.driver import POLICIES, run_workload, warm_up
+from chameleon.sim.engine import build_sim_engine
+from chameleon.harness.workload import (
     PAPER_RANKS,
     AdapterSpec,
     Workload,
@@ -276,7 +277,7 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
 
 def real_factory(args: argparse.Namespace) -> EngineFactory:
     from chameleon.config import EngineConfig
-    from chameleon.factory import build_core
+    from chameleon.engine.factory import build_core
     from chameleon.lora.peft_adapter import read_adapter_config
 
     if args.model is None:
@@ -627,7 +628,7 @@ def _sweep_with_progress(bench: Bench, policies: Sequence[str], rates: Sequence[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m chameleon.bench ...` (the same options as `chameleon bench`)."""
+    """`python -m chameleon.harness.bench ...` (the same options as `chameleon bench`)."""
     parser = argparse.ArgumentParser(prog="chameleon bench", description=__doc__.split("\n")[0])
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from chameleon.policies.base import AdmissionPolicy, PolicyBase, SchedulingView
-from chameleon.policies.fifo import FifoPolicy
-from chameleon.policies.options import SchedulerOptions
-from chameleon.predictors import OutputLengthPredictor, make_predictor
+from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
+from chameleon.sched.fifo import FifoPolicy
+from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.predictors import OutputLengthPredictor, make_predictor
 
 SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq")
 
@@ -16,15 +16,15 @@ def make_policy(name: str, options: SchedulerOptions | None = None) -> Admission
         return FifoPolicy()
     predictor = _predictor(options)
     if name == "sjf":
-        from chameleon.policies.sjf import SjfPolicy
+        from chameleon.sched.sjf import SjfPolicy
 
         return SjfPolicy(predictor)
     if name == "chameleon":
-        from chameleon.policies.mlq import MLQPolicy
+        from chameleon.sched.mlq.policy import MLQPolicy
 
         return MLQPolicy(predictor, options)
     if name == "mlfq":
-        from chameleon.policies.mlfq import MLFQPolicy
+        from chameleon.sched.mlfq import MLFQPolicy
 
         return MLFQPolicy(options)
     raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")

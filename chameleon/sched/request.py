@@ -7,7 +7,7 @@ import enum
 import attrs
 import torch
 
-from chameleon.detokenizer import IncrementalDetokenizer
+from chameleon.engine.detokenizer import IncrementalDetokenizer
 from chameleon.outputs import FinishReason, RequestMetrics
 from chameleon.sampling_params import SamplingParams
 

@@ -27,7 +27,7 @@ from typing import Literal
 import attrs
 
 from chameleon.errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError
-from chameleon.memory import MemoryBudget
+from chameleon.memory.budget import MemoryBudget
 
 CachePolicyName = Literal["chameleon", "lru", "slora"]
 CACHE_POLICIES: tuple[str, ...] = ("chameleon", "lru", "slora")

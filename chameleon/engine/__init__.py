@@ -1,0 +1,1 @@
+"""The async front end and the synchronous engine core: requests in, outputs out."""

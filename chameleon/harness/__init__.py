@@ -1,0 +1,1 @@
+"""Experiments: workloads, traces, metrics, the open-loop driver, `bench` and `calibrate`."""

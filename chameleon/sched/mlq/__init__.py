@@ -1,0 +1,1 @@
+"""Chameleon's quota-based multi-level queue: sizing, clustering, quotas, the policy."""
