@@ -441,8 +441,8 @@ def _report_steal() -> None:
 
 def online(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from chameleon.clock import MonotonicClock
-    from chameleon.harness.metrics import RequestRecord, summarize
     from chameleon.harness.driver import run_workload, warm_up
+    from chameleon.harness.metrics import RequestRecord, summarize
     from chameleon.harness.workload import slora_workload
 
     model = make_tiny_model(root / "model")
@@ -585,10 +585,11 @@ class _Timer:
 
 def profile(args: argparse.Namespace, root: Path) -> None:
     """Wall time per component (accumulated timers around the functions named below)."""
+    from transformers import AutoTokenizer
+
     import chameleon.executor.torch_executor as te
     import chameleon.lora.pool as pool
     import chameleon.model.llama as llama
-    from transformers import AutoTokenizer
 
     model = make_tiny_model(root / "model")
     adapters = {name: make_peft_adapter(model, root / name, r, OFFLINE_TARGETS, seed=10 + i)

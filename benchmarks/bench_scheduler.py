@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_line  # noqa: E402
 
 from chameleon.memory.adapter_cache import AdapterCache  # noqa: E402
-from chameleon.memory.kv_blocks import KVBlockManager  # noqa: E402
 from chameleon.memory.budget import MemoryBudget  # noqa: E402
+from chameleon.memory.kv_blocks import KVBlockManager  # noqa: E402
+from chameleon.sampling_params import SamplingParams  # noqa: E402
 from chameleon.sched import SCHEDULERS, SchedulerOptions, make_policy  # noqa: E402
 from chameleon.sched.request import Request  # noqa: E402
-from chameleon.sampling_params import SamplingParams  # noqa: E402
 from chameleon.sched.scheduler import Scheduler  # noqa: E402
 
 

@@ -45,4 +45,15 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "AdapterInfo",
+    "AsyncEngine",
+    "EngineConfig",
+    "EngineCore",
+    "EngineStats",
+    "RequestMetrics",
+    "RequestOutput",
+    "RequestStream",
+    "SamplingParams",
+    "__version__",
+]

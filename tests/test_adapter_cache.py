@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chameleon import EngineConfig, SamplingParams
-from chameleon.memory.adapter_cache import AdapterCache
-from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.engine.core import EngineCore
 from chameleon.engine.factory import build_core
+from chameleon.memory.adapter_cache import AdapterCache
+from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
 
 ROW = 100  # bytes per rank row in the pure tests

@@ -10,7 +10,7 @@ import pytest
 
 from chameleon.harness.bench import add_bench_arguments, run_bench
 from chameleon.harness.metrics import HEADLINE_KEYS
-from chameleon.sim.cost_model import CostProfile, ProfileEngine
+from chameleon.sim.profile import CostProfile, ProfileEngine
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -134,7 +134,7 @@ def test_real_executor_refuses_a_dir_without_adapters(
 
 
 def test_table_seconds_line_up() -> None:
-    from chameleon.harness.bench import _sig
+    from chameleon.harness.report import _sig
 
     assert [_sig(v) for v in (0.0123, 0.784, 9.9994, 12.04, 112.0, float("inf"), None)] == [
         "0.012", "0.784", "9.999", "12.0", "112.0", "inf", "-",

@@ -8,10 +8,10 @@ import attrs
 import pytest
 
 from chameleon import EngineConfig, SamplingParams
-from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.clock import ManualClock
 from chameleon.engine.core import EngineCore
 from chameleon.engine.factory import build_core
+from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.sched.request import Request
 
 

@@ -10,27 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chameleon.errors import ConfigError
-from chameleon.sim.cost_model import (
-    A40_48GB,
+from chameleon.sim.analytic import (
     A40_LLAMA7B_CALIBRATION,
-    A100_80GB,
-    LLAMA_7B,
-    LLAMA_13B,
-    LLAMA_30B,
     PAPER_CALIBRATION_PROMPT_LEN,
     PAPER_LOAD_SHARE_AT_MAX_RANK,
     PAPER_TTFT_BY_RANK_S,
     AnalyticCostModel,
-    BatchShape,
-    BatchShapeBuilder,
-    CostProfile,
-    ProfileEngine,
     derive_paper_calibration,
-    fit_nonnegative,
-    get_gpu,
-    get_model,
-    memory_plan,
 )
+from chameleon.sim.hardware import A40_48GB, A100_80GB, LLAMA_7B, LLAMA_13B, LLAMA_30B, get_gpu, get_model, memory_plan
+from chameleon.sim.profile import CostProfile, ProfileEngine, fit_nonnegative
+from chameleon.sim.shape import BatchShape, BatchShapeBuilder
 
 MiB, GiB = 1 << 20, 1 << 30
 A40_7B = AnalyticCostModel(A40_48GB, LLAMA_7B)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from chameleon import EngineConfig, SamplingParams
+from chameleon.engine.factory import build_core
 from chameleon.errors import (
     ChameleonError,
     ConfigError,
@@ -17,7 +18,6 @@ from chameleon.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from chameleon.engine.factory import build_core
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import torch
 
 from chameleon import AsyncEngine, EngineConfig, SamplingParams
 from chameleon.engine.core import EngineCore
+from chameleon.engine.factory import build_core
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -22,7 +23,6 @@ from chameleon.errors import (
     UnsafeAdapterFormatError,
     UnsupportedAdapterError,
 )
-from chameleon.engine.factory import build_core
 
 NAMES = [None, "a8", "b16", "c64", "d8"]
 

@@ -12,21 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chameleon.errors import ConfigError
-from chameleon.sched.mlq.math import (
-    ArrivalRateEstimator,
-    MLQConfig,
-    QueueLayout,
-    QueueStats,
-    QuotaLedger,
-    adapter_factor,
-    assign_quotas,
-    choose_k,
-    kmeans_1d,
-    mm1_min_tokens,
-    queue_cutoffs,
-    request_tokens,
-    weighted_request_size,
-)
+from chameleon.sched.mlq.clustering import QueueLayout, choose_k, kmeans_1d, queue_cutoffs
+from chameleon.sched.mlq.estimators import ArrivalRateEstimator
+from chameleon.sched.mlq.quotas import QueueStats, QuotaLedger, assign_quotas, mm1_min_tokens
+from chameleon.sched.mlq.sizing import adapter_factor, request_tokens, weighted_request_size
+from chameleon.sched.options import SchedulerOptions
 
 # --- weighted request size -------------------------------------------------------------------
 
@@ -401,7 +391,7 @@ def test_service_time_and_largest_request() -> None:
 
 
 def test_estimates_feed_the_quota_formula() -> None:
-    cfg = MLQConfig(rate_window_s=10.0)
+    cfg = SchedulerOptions(rate_window_s=10.0)
     est = cfg.estimator(start_s=0.0)
     for i in range(20):  # 2 arrivals per second of 300 tokens, each served in 0.5 s
         est.record_arrival(i * 0.5, 300)
@@ -417,7 +407,7 @@ def test_estimates_feed_the_quota_formula() -> None:
 
 
 def test_config_defaults_follow_the_paper() -> None:
-    cfg = MLQConfig()
+    cfg = SchedulerOptions()
     assert (cfg.k_max, cfg.refresh_period_s, cfg.slo_ttft_s) == (4, 300.0, 5.0)
     assert (cfg.input_weight, cfg.output_weight) == (0.4, 0.6)
     assert cfg.fit_layout([0.0] * 40 + [1.0] * 40).cutoffs == (0.5,)
@@ -441,4 +431,4 @@ def test_config_defaults_follow_the_paper() -> None:
 )
 def test_config_rejects_bad_values(kw: dict) -> None:
     with pytest.raises(ConfigError):
-        MLQConfig(**kw)
+        SchedulerOptions(**kw)

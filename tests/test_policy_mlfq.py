@@ -5,11 +5,11 @@ from __future__ import annotations
 import attrs
 import pytest
 
+from chameleon.sampling_params import SamplingParams
 from chameleon.sched import make_policy
 from chameleon.sched.mlfq import DEFAULT_PREFILL_S_PER_TOKEN, EMA_WEIGHT, MLFQPolicy
 from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.request import Request, RequestStatus
-from chameleon.sampling_params import SamplingParams
 
 # Quanta: level 0: 0.05 s, 1: 0.1 s, 2: 0.2 s, 3: 0.4 s. Default prefill cost 1e-4 s/token.
 OPTIONS = SchedulerOptions(mlfq_levels=4, mlfq_base_quantum_s=0.05, mlfq_promote_after_s=0.3)
@@ -48,15 +48,16 @@ def policy_and_view(options: SchedulerOptions = OPTIONS) -> tuple[MLFQPolicy, Fa
 def admit(policy: MLFQPolicy, view: FakeView, now: float, limit: int | None = None) -> list[str]:
     """The scheduler's admission walk with room for `limit` more requests."""
     taken: list[str] = []
-    candidates = policy.candidates(now)
-    for request in candidates:
-        if limit is not None and len(taken) >= limit:
+    walk = policy.walk(now)
+    while limit is None or len(taken) < limit:
+        request = walk.next()
+        if request is None:
             break
-        policy.admitted(request, now)
+        walk.accept(now)
         request.status = RequestStatus.RUNNING
         view.running.append(request)
         taken.append(request.request_id)
-    candidates.close()  # type: ignore[attr-defined]
+    walk.close()
     return taken
 
 
@@ -87,7 +88,7 @@ def test_skip_join_enters_the_first_level_whose_quantum_covers_the_prefill() -> 
         policy.add(req(rid, prompt), 0.0)
     # Predicted prefill: a 0.01 s, b 0.05 s (= quantum 0), c 0.0501, d 0.15, e 0.4, f 10 s.
     assert [level_of(policy, r) for r in "abcdef"] == [0, 0, 1, 2, 3, 3]
-    assert [r.request_id for r in policy.candidates(0.0)] == list("abcdef")  # by level, then order
+    assert [r.request_id for r in policy.peek(0.0)] == list("abcdef")  # by level, then order
     assert [lv["joins"] for lv in policy.metrics()["levels"]] == [2, 1, 1, 2]
 
 
@@ -156,8 +157,8 @@ def test_promoted_jobs_keep_their_place_in_line() -> None:
     policy, view = policy_and_view()
     policy.add(req("old", 1500), 0.0)  # level 2
     policy.add(req("new", 10), 0.2)  # level 0
-    assert [r.request_id for r in policy.candidates(0.2)] == ["new", "old"]
-    assert [r.request_id for r in policy.candidates(0.3)] == ["old", "new"]  # promoted, older
+    assert [r.request_id for r in policy.peek(0.2)] == ["new", "old"]
+    assert [r.request_id for r in policy.peek(0.3)] == ["old", "new"]  # promoted, older
 
 
 # --- preemption ------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_a_preempted_job_keeps_its_level_and_service_and_queues_behind() -> None
     policy.add(req("w", 1500, 0.13), 0.13)  # level 2
     preempt(policy, view, r2, 0.14)
     assert level_of(policy, "r2") == 2 and policy._jobs["r2"].level_time_s == pytest.approx(0.08)
-    assert [r.request_id for r in policy.candidates(0.14)] == ["w", "r2"]
+    assert [r.request_id for r in policy.peek(0.14)] == ["w", "r2"]
 
 
 # --- victim and metrics ----------------------------------------------------------------------

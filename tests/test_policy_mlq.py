@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterable
 import attrs
 import pytest
 
-from chameleon.sched.mlq.math import QueueLayout
-from chameleon.sched.policy import AdmissionPolicy
+from chameleon.sampling_params import SamplingParams
 from chameleon.sched.fifo import FifoPolicy
+from chameleon.sched.mlq.clustering import QueueLayout
 from chameleon.sched.mlq.policy import MLQPolicy
 from chameleon.sched.options import SchedulerOptions
-from chameleon.sched.sjf import SjfPolicy
+from chameleon.sched.policy import AdmissionPolicy
 from chameleon.sched.predictors import make_predictor
 from chameleon.sched.request import Request, RequestStatus
-from chameleon.sampling_params import SamplingParams
+from chameleon.sched.sjf import SjfPolicy
 
 CAPACITY = 1000
 
@@ -66,16 +66,18 @@ def walk(
 ) -> list[str]:
     """What `Scheduler.schedule` step 2 does with the candidates: admit what fits, honour skip_blocked."""
     taken: list[str] = []
-    candidates = policy.candidates(now)
-    for request in candidates:
+    walk = policy.walk(now)
+    while (request := walk.next()) is not None:
         if fits(request):
-            policy.admitted(request, now)
+            walk.accept(now)
             request.status = RequestStatus.RUNNING
             view.running.append(request)
             taken.append(request.request_id)
-        elif not policy.skip_blocked(request):
-            break
-    candidates.close()  # type: ignore[attr-defined]
+        else:
+            walk.reject()
+            if not policy.skip_blocked(request):
+                break
+    walk.close()
     return taken
 
 
@@ -132,7 +134,7 @@ def test_small_requests_go_ahead_of_a_long_one_that_arrived_first() -> None:
         policy.add(small(f"s{i}", 0.1), 0.1)
     # Memory cannot hold the long one yet: the small ones still get in (no head-of-line blocking).
     assert walk(policy, view, 0.2, fits=lambda r: r.request_id != "L") == ["s0", "s1", "s2"]
-    assert [r.request_id for r in policy.candidates(0.3)] == ["L"]
+    assert [r.request_id for r in policy.peek(0.3)] == ["L"]
 
 
 def test_queues_are_walked_smallest_first() -> None:
@@ -263,20 +265,21 @@ def test_quotas_never_go_negative_and_return_in_full() -> None:
     assert sum(ledger.quotas) == CAPACITY
 
 
-def test_a_closed_generator_gives_back_its_tentative_take() -> None:
+def test_a_closed_walk_gives_back_its_tentative_take() -> None:
     view = FakeView()
     policy = make_policy(view)
     two_queues(policy)
     a, b = small("a"), long("b")
     policy.add(a, 0.0)
     policy.add(b, 0.0)
-    candidates = policy.candidates(0.0)
-    assert next(candidates) is a
+    walk = policy.walk(0.0)
+    assert walk.next() is a
     assert policy.ledger.held(0) == 20  # tentatively taken
-    assert next(candidates) is b  # a was not admitted: its take went back before b's was taken
+    walk.reject()
+    assert walk.next() is b  # a was not admitted: its take went back before b's was taken
     assert policy.ledger.held(0) == 0 and policy.ledger.held(1) == 600
     assert list(policy.ledger.charges) == ["b"]
-    candidates.close()  # type: ignore[attr-defined]
+    walk.close()
     assert policy.ledger.held(1) == 0 and not policy.ledger.charges
     assert len(policy) == 2
 
@@ -286,10 +289,10 @@ def test_the_take_of_an_admitted_request_stands() -> None:
     policy = make_policy(view)
     a = small("a")
     policy.add(a, 0.0)
-    candidates = policy.candidates(0.0)
-    assert next(candidates) is a
-    policy.admitted(a, 0.0)
-    candidates.close()  # type: ignore[attr-defined]
+    walk = policy.walk(0.0)
+    assert walk.next() is a
+    walk.accept(0.0)
+    walk.close()
     assert list(policy.ledger.charges) == ["a"] and policy.ledger.held(0) == 20
     policy.left_running(a, 1.0)
     assert policy.ledger.held(0) == 0
@@ -323,7 +326,7 @@ def test_refresh_fits_the_layout_and_re_places_waiting_requests() -> None:
         policy.add(small(f"s{i}", 0.1), 0.1)
         policy.add(long(f"l{i}", 0.1), 0.1)
     assert policy.layout.num_queues == 1 and policy.refreshes == 0
-    list(policy.candidates(0.9))  # not yet due
+    policy.peek(0.9)  # not yet due
     assert policy.refreshes == 0
 
     policy.preemptions(1.0)  # a refresh is due at 1.0 s
@@ -334,7 +337,7 @@ def test_refresh_fits_the_layout_and_re_places_waiting_requests() -> None:
     assert [q["waiting"] for q in queues] == [40, 40]
     assert sum(q["quota"] for q in queues) == CAPACITY
     assert policy.ledger.held(1) == 600 and policy.ledger.held(0) == 0  # early's charge moved with it
-    assert next(iter(policy.candidates(1.0))).request_id == "s0"  # the small queue goes first
+    assert policy.peek(1.0)[0].request_id == "s0"  # the small queue goes first
     policy.left_running(early, 1.5)
     assert policy.ledger.held(1) == 0
 
@@ -378,7 +381,7 @@ def bypass_scene(**options: object) -> tuple[MLQPolicy, FakeView, dict[str, Requ
 
 def test_bypass_only_under_the_stated_condition() -> None:
     policy, view, reqs = bypass_scene()
-    assert [r.request_id for r in policy.candidates(2.0)] == ["Y"]
+    assert [r.request_id for r in policy.peek(2.0)] == ["Y"]
     assert walk(policy, view, 2.0) == ["Y"]
     assert policy.metrics()["bypasses"] == 1
     assert policy.preemptions(3.0) == []  # a's memory has not freed: Y keeps running

@@ -12,25 +12,18 @@ from hypothesis import strategies as st
 
 from chameleon.clock import ManualClock
 from chameleon.errors import AdapterValidationError
-from chameleon.harness.metrics import summarize
-from chameleon.sched.request import Request
-from chameleon.sampling_params import SamplingParams
-from chameleon.sched.scheduler import ScheduledRequest, SchedulerOutput
-from chameleon.sim.cost_model import (
-    A40_48GB,
-    LLAMA_7B,
-    PAPER_TTFT_BY_RANK_S,
-    AnalyticCostModel,
-    BatchShape,
-    BatchShapeBuilder,
-    CostProfile,
-    ProfileEngine,
-    memory_plan,
-)
-from chameleon.sim.executor import SimulatedExecutor, synthetic_path
 from chameleon.harness.driver import POLICIES, run_workload
-from chameleon.sim.engine import build_sim_engine
+from chameleon.harness.metrics import summarize
 from chameleon.harness.workload import AdapterSpec, Workload, WorkloadRequest, slora_workload, trace_workload
+from chameleon.sampling_params import SamplingParams
+from chameleon.sched.request import Request
+from chameleon.sched.scheduler import ScheduledRequest, SchedulerOutput
+from chameleon.sim.analytic import PAPER_TTFT_BY_RANK_S, AnalyticCostModel
+from chameleon.sim.engine import build_sim_engine
+from chameleon.sim.executor import SimulatedExecutor, synthetic_path
+from chameleon.sim.hardware import A40_48GB, LLAMA_7B, memory_plan
+from chameleon.sim.profile import CostProfile, ProfileEngine
+from chameleon.sim.shape import BatchShape, BatchShapeBuilder
 
 MiB = 1 << 20
 MODEL = AnalyticCostModel(A40_48GB, LLAMA_7B)

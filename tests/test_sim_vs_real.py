@@ -31,15 +31,15 @@ from typing import TypeVar
 import attrs
 import pytest
 
-from chameleon.harness.calibrate import calibrate
 from chameleon.clock import MonotonicClock
 from chameleon.config import EngineConfig
 from chameleon.engine.factory import build_core
-from chameleon.harness.metrics import RunSummary, summarize
-from chameleon.sim.cost_model import CostProfile
+from chameleon.harness.calibrate import calibrate
 from chameleon.harness.driver import run_workload, warm_up
-from chameleon.sim.engine import build_sim_engine
+from chameleon.harness.metrics import RunSummary, summarize
 from chameleon.harness.workload import Workload, slora_workload
+from chameleon.sim.engine import build_sim_engine
+from chameleon.sim.profile import CostProfile
 
 TOLERANCE = 0.25
 LOAD = 0.6  # of the measured capacity

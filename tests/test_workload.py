@@ -9,15 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chameleon.harness.traces import bundled_trace_path, load_trace, parse_timestamp
 from chameleon.harness.workload import (
     PAPER_RANKS,
     AdapterSpec,
     Workload,
     WorkloadRequest,
-    bundled_trace_path,
-    load_trace,
     paper_workload,
-    parse_timestamp,
     slora_adapter_pmf,
     slora_workload,
     trace_workload,

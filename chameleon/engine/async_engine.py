@@ -21,7 +21,6 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from chameleon.outputs import AdapterInfo
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
 from chameleon.engine.core import EngineCore
@@ -34,7 +33,7 @@ from chameleon.errors import (
     EngineStepError,
     InvalidRequestError,
 )
-from chameleon.outputs import RequestMetrics, RequestOutput
+from chameleon.outputs import AdapterInfo, RequestMetrics, RequestOutput
 from chameleon.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

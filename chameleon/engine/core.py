@@ -13,12 +13,9 @@ from typing import Any
 import attrs
 import torch
 
-from chameleon.memory.adapter_cache import AdapterCache, CachePolicyName
-from chameleon.outputs import AdapterInfo
-from chameleon.memory.arrival_predictor import ArrivalPredictor
-from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.engine.detokenizer import IncrementalDetokenizer
+from chameleon.engine.stats import EngineStats
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -27,11 +24,14 @@ from chameleon.errors import (
     PromptTooLongError,
 )
 from chameleon.executor.base import Executor
+from chameleon.memory.adapter_cache import AdapterCache, CachePolicyName
+from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
-from chameleon.outputs import FinishReason, RequestOutput
+from chameleon.memory.kv_blocks import KVBlockManager
+from chameleon.outputs import AdapterInfo, FinishReason, RequestOutput
+from chameleon.sampling_params import SamplingParams
 from chameleon.sched import SchedulerOptions, make_policy
 from chameleon.sched.request import Request
-from chameleon.sampling_params import SamplingParams
 from chameleon.sched.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -46,42 +46,6 @@ class CoreLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     eos_token_ids: tuple[int, ...] = ()
-
-
-@attrs.frozen
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_in_use: int
-    kv_blocks_total: int
-    num_preemptions: int
-    num_finished: int
-    num_policy_preemptions: int = 0
-    swapped_out_bytes: int = 0
-    swapped_in_bytes: int = 0
-    scheduler_metrics: dict[str, Any] = attrs.field(factory=dict)
-    adapters_registered: int = 0
-    adapters_resident: int = 0
-    adapter_resident_bytes: int = 0
-    adapter_hits: int = 0
-    adapter_misses: int = 0
-    adapter_loads: int = 0
-    adapter_prefetches: int = 0
-    adapter_evictions: int = 0
-    adapter_bytes_loaded: int = 0
-    adapter_load_critical_s: float = 0.0
-    adapter_ref_count: int = 0
-    memory_budget_bytes: int = 0
-    kv_bytes: int = 0
-    memory_free_bytes: int = 0
-
-    @property
-    def adapter_hit_rate(self) -> float | None:
-        lookups = self.adapter_hits + self.adapter_misses
-        return self.adapter_hits / lookups if lookups else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 class EngineCore:

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
 from chameleon.engine.core import CoreLimits, EngineCore
@@ -22,8 +21,9 @@ from chameleon.executor.torch_executor import (
     resolve_dtype,
     resolve_lora_backend,
 )
-from chameleon.model.loader import load_hf_config, load_model
+from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
+from chameleon.model.loader import load_hf_config, load_model
 from chameleon.model.spec import ModelSpec, model_spec_from_config
 
 log = logging.getLogger(__name__)

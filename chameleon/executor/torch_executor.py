@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 
-from chameleon.outputs import AdapterInfo
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
+from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
-from chameleon.lora.peft_adapter import TARGET_MODULES, BaseModelSpec, LoRAAdapter, load_peft_adapter
+from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
+from chameleon.lora.peft_config import TARGET_MODULES
 from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
-from chameleon.executor.sampler import sample_from_hidden
+from chameleon.outputs import AdapterInfo
 from chameleon.sched.scheduler import SchedulerOutput
 
 

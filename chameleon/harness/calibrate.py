@@ -66,13 +66,14 @@ import numpy as np
 from chameleon.clock import MonotonicClock
 from chameleon.config import EngineConfig
 from chameleon.engine.core import EngineCore
+from chameleon.harness.driver import PROMPT_TOKEN_ID, run_workload, warm_up
+from chameleon.harness.workload import Workload, WorkloadRequest
 from chameleon.outputs import RequestOutput
 from chameleon.sampling_params import SamplingParams
 from chameleon.sched.scheduler import SchedulerOutput
-from chameleon.sim.cost_model import BatchShape, CostProfile, ProfileEngine, fit_nonnegative
 from chameleon.sim.executor import batch_shape
-from chameleon.harness.driver import PROMPT_TOKEN_ID, run_workload, warm_up
-from chameleon.harness.workload import Workload, WorkloadRequest
+from chameleon.sim.profile import CostProfile, ProfileEngine, fit_nonnegative
+from chameleon.sim.shape import BatchShape
 
 __all__ = ["StepSample", "add_calibrate_arguments", "calibrate", "run_calibrate", "write_synthetic_peft_adapter"]
 

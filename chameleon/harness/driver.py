@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from chameleon.clock import Clock, ManualClock
 from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
 from chameleon.harness.metrics import RequestRecord
+from chameleon.harness.workload import Workload, WorkloadRequest
 from chameleon.outputs import RequestOutput
 from chameleon.sampling_params import SamplingParams
-from chameleon.harness.workload import Workload, WorkloadRequest
 
 __all__ = ["POLICIES", "PROMPT_TOKEN_ID", "Progress", "resolve_policy", "run_workload", "warm_up"]
 

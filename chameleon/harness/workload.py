@@ -1,101 +1,29 @@
 """Workloads: who asks for what, when. Pure values and seeded generators (numpy only).
 
-A `Workload` is a tuple of `WorkloadRequest`s sorted by arrival (seconds from the start of the run),
-plus the `AdapterSpec`s they use. Every generator takes a `seed` and draws from one
-`numpy.random.default_rng(seed)` in a fixed order, so the same arguments give the same workload.
-
-Definitions chosen here
------------------------
-Two popularity laws, because the two sources use the word "power law" differently:
-
-* **S-LoRA's law** (`slora_adapter_pmf`). S-LoRA's benchmark (`benchmarks/trace.py`,
-  `generate_requests`) draws `x = numpy.random.power(alpha)` (density `alpha * x**(alpha-1)` on
-  [0, 1]) and takes adapter `floor(x * N)`. So `P(i) = ((i+1)/N)**alpha - (i/N)**alpha` for
-  i = 0..N-1: **alpha = 1 is uniform**, alpha < 1 favours low ids (adapter 0 most popular), smaller
-  alpha is more skewed (S-LoRA sweeps alpha in {0.1, 0.3, 0.6, 1}). `slora_workload` reproduces this
-  mechanism exactly (same draws, same order), with `Generator.power` in place of the legacy global
-  RNG — the same distributions, not the same numbers as S-LoRA's script for a given seed.
-* **Zipf's law** (`zipf_pmf`): `P(i) ∝ (i+1)**(-alpha)`, i = 0..N-1 (adapter 0 most popular;
-  log-log rank-frequency slope = -alpha). Used by `paper_workload` and `trace_workload`. The
-  Chameleon paper only says "power-law popularity within a rank" and gives no exponent that we
-  could find, so alpha defaults to 1.0 (classic Zipf); S-LoRA's law is not used there because at
-  alpha = 1 it would be uniform, i.e. no popularity skew at all.
-
-`slora_workload` — S-LoRA's generator, semantics kept:
-  exactly `int(rate * duration_s)` requests (a fixed count, as S-LoRA does); gaps
-  `Gamma(shape=1/cv², scale=cv²/rate)` (mean 1/rate, coefficient of variation cv; cv = 1 is
-  Poisson); arrival k = gap_0 + ... + gap_k (the first request arrives after one gap, not at 0,
-  and the last may land a little after `duration_s`); prompt and output lengths uniform integers
-  in [lo, hi); adapter i has rank `ranks[i % len(ranks)]` (S-LoRA cycles its rank list; default
-  (64, 32, 16, 8) is its "S2" setting). `num_adapters = 0` gives base-model requests (S-LoRA's
-  `num_adapters == 0` case). Draw order: adapter ids, prompt lengths, output lengths, gaps.
-
-`paper_workload` — the Chameleon paper's setup:
-  100 adapters = ranks (8, 16, 32, 64, 128) × 20 each, named `r{rank}-{j:02d}`. Arrivals are a
-  Poisson process of intensity `rate` on [0, duration_s) (exponential gaps; the count is random).
-  Each request picks a rank uniformly, then adapter j within that rank with Zipf(alpha)
-  probability. Its (prompt, output) lengths are one row of the Azure trace drawn uniformly at
-  random *with replacement* (i.i.d. rows match independent Poisson arrivals and allow any
-  duration). Draw order: gaps, ranks, within-rank ids, trace rows.
-
-`trace_workload` — replay of a trace CSV (`TIMESTAMP, ContextTokens, GeneratedTokens`):
-  rows are stably sorted by timestamp (the bundled traces already are); arrival offsets are
-  `t_i - t_0`, so the first request arrives at 0. "Rescaled to `rate`" means every offset of the
-  replayed rows is multiplied by one factor so that their mean gap, `(last - first) / (m - 1)`, is
-  exactly 1/rate: the burst pattern is kept, only time is stretched. The trace is "replayed
-  cyclically" when more rows are needed than it has: a copy starts one (native) mean gap after the
-  previous copy's last request.
-    - `rate` only: all rows, rescaled to `rate`.
-    - `duration_s` only: native timing, requests at or after `duration_s` dropped (cyclic if short).
-    - both: the first `m = int(rate * duration_s)` rows (cyclic if short; S-LoRA's count rule),
-      rescaled to `rate`, so there are exactly m requests, the last one at (m-1)/rate < duration_s.
-      (Rescaling the whole trace and then cutting a window would not give `rate`: the Azure traces
-      are not stationary, e.g. conv's first 10 minutes run ~10% below its hourly mean.)
-    - neither: the trace as recorded.
-  Lengths are the recorded ones; `max_prompt_len` / `max_output_len` *clip* (min) rather than drop
-  rows, so the arrival process is untouched. A row with 0 generated (or 0 context) tokens is clamped to 1: a request always has a
-  prompt token and yields at least the token its prefill samples (the bundled traces have none).
-  Adapters: `adapters=None` means the paper's 100-adapter set chosen the paper's way (uniform rank,
-  Zipf within rank); an explicit sequence means Zipf(alpha) over it in the given order (first =
-  most popular); `()` means no adapters (all base model). Independently, each request is a
-  base-model request with probability `base_fraction`. Draw order: base coin, adapter choice.
-
-Timestamps are parsed without pandas: `YYYY-MM-DD[ T]HH:MM:SS[.fraction][Z|±HH:MM]` with any number of
-fractional digits (the Azure traces have 7), read as UTC when no offset is given, or a plain number
-of seconds.
+S-LoRA's synthetic generator, the paper's setup and trace replay; every rule (arrivals, lengths,
+adapter popularity, clipping): `docs/workloads.md`.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import functools
-import importlib.resources
-import importlib.resources.abc
-import io
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
 import numpy as np
 
+from chameleon.harness.traces import TraceRow, load_trace, trace_label
+
 __all__ = [
     "PAPER_RANKS",
-    "TRACE_FILES",
     "AdapterSpec",
-    "TraceRow",
     "Workload",
     "WorkloadRequest",
-    "bundled_trace_path",
-    "load_trace",
     "paper_adapters",
     "paper_workload",
-    "parse_timestamp",
     "slora_adapter_pmf",
     "slora_adapters",
     "slora_workload",
@@ -106,10 +34,6 @@ __all__ = [
 PAPER_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128)
 PAPER_ADAPTERS_PER_RANK = 20
 SLORA_RANKS: tuple[int, ...] = (64, 32, 16, 8)  # S-LoRA's "S2" model setting, in its order
-TRACE_FILES: dict[str, str] = {
-    "conv": "AzureLLMInferenceTrace_conv.csv",
-    "code": "AzureLLMInferenceTrace_code.csv",
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +302,7 @@ def paper_workload(
     prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len)
     adapters = paper_adapters(ranks, per_rank)
     desc = (
-        f"paper(rate={rate}, duration_s={duration_s}, seed={seed}, trace={_trace_label(trace)}, alpha={alpha}, "
+        f"paper(rate={rate}, duration_s={duration_s}, seed={seed}, trace={trace_label(trace)}, alpha={alpha}, "
         f"ranks={tuple(ranks)}, per_rank={per_rank}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len})"
     )
     return _build(arrivals, prompt, output, [adapters[i].name for i in idx], adapters, desc)
@@ -427,7 +351,7 @@ def trace_workload(
     rng = np.random.default_rng(seed)
     specs, names = _assign_adapters(rng, len(offsets), adapters, alpha, base_fraction)
     desc = (
-        f"trace({_trace_label(path_or_name)}, rate={rate}, duration_s={duration_s}, "
+        f"trace({trace_label(path_or_name)}, rate={rate}, duration_s={duration_s}, "
         f"adapters={'paper' if adapters is None else len(specs)}, alpha={alpha}, base_fraction={base_fraction}, "
         f"seed={seed}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len})"
     )
@@ -498,102 +422,3 @@ def _assign_adapters(
         idx = rng.choice(len(specs), size=n, p=zipf_pmf(len(specs), alpha))
     names = [None if base else specs[i].name for base, i in zip(is_base, idx, strict=True)]
     return specs, names
-
-
-# --------------------------------------------------------------------------------------------
-# Trace files
-# --------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class TraceRow:
-    timestamp_s: float  # seconds since the Unix epoch (the trace's clock read as UTC)
-    context_tokens: int
-    generated_tokens: int
-
-
-_TS_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$"
-)
-
-
-def parse_timestamp(text: str) -> float:
-    """Seconds since the epoch for `YYYY-MM-DD HH:MM:SS.fffffff` (any fraction digits) or a number."""
-    s = text.strip()
-    m = _TS_RE.match(s)
-    if m is None:
-        try:
-            return float(s)
-        except ValueError:
-            raise ValueError(f"unparseable timestamp {text!r}") from None
-    y, mo, d, h, mi, sec = (int(g) for g in m.groups()[:6])
-    whole = _dt.datetime(y, mo, d, h, mi, sec, tzinfo=_dt.timezone.utc).timestamp()
-    frac = m.group(7)
-    fraction = int(frac) / 10 ** len(frac) if frac else 0.0  # datetime keeps only 6 digits: do it by hand
-    return whole - _tz_offset_s(m.group(8)) + fraction
-
-
-def _tz_offset_s(tz: str | None) -> float:
-    if tz is None or tz == "Z":
-        return 0.0
-    sign = -1.0 if tz[0] == "-" else 1.0
-    digits = tz[1:].replace(":", "")
-    return sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-
-
-def bundled_trace_path(name: str) -> Path:
-    """Path of a bundled trace ("conv" or "code"), found with importlib.resources."""
-    if name not in TRACE_FILES:
-        raise KeyError(f"unknown bundled trace {name!r}; choose from {sorted(TRACE_FILES)}")
-    return Path(str(_bundled_resource(name)))  # a real file for every ordinary (non-zipped) install
-
-
-def load_trace(path_or_name: str | os.PathLike[str]) -> list[TraceRow]:
-    """Rows of a trace CSV in file order. "conv"/"code" name the bundled traces; else a path."""
-    if isinstance(path_or_name, str) and path_or_name in TRACE_FILES:
-        return list(_load_bundled(path_or_name))
-    with open(path_or_name, encoding="utf-8-sig", newline="") as f:
-        return parse_trace_csv(f)
-
-
-def _bundled_resource(name: str) -> importlib.resources.abc.Traversable:
-    return importlib.resources.files("chameleon.data").joinpath("traces").joinpath(TRACE_FILES[name])
-
-
-@functools.lru_cache(maxsize=None)
-def _load_bundled(name: str) -> tuple[TraceRow, ...]:
-    text = _bundled_resource(name).read_text(encoding="utf-8-sig")
-    return tuple(parse_trace_csv(io.StringIO(text, newline="")))
-
-
-def parse_trace_csv(f: TextIO) -> list[TraceRow]:
-    """Parse `TIMESTAMP, ContextTokens, GeneratedTokens` (header names case/space-insensitive)."""
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-        return []
-    cols = _columns(header)
-    rows = []
-    for line in reader:
-        if not line or not "".join(line).strip():
-            continue
-        rows.append(
-            TraceRow(
-                timestamp_s=parse_timestamp(line[cols[0]]),
-                context_tokens=int(float(line[cols[1]])),
-                generated_tokens=int(float(line[cols[2]])),
-            )
-        )
-    return rows
-
-
-def _columns(header: Sequence[str]) -> tuple[int, int, int]:
-    keys = [h.strip().lower() for h in header]
-    try:
-        return keys.index("timestamp"), keys.index("contexttokens"), keys.index("generatedtokens")
-    except ValueError:
-        raise ValueError(f"trace header must hold TIMESTAMP, ContextTokens, GeneratedTokens; got {header}") from None
-
-
-def _trace_label(path_or_name: str | os.PathLike[str]) -> str:
-    return os.fspath(path_or_name)

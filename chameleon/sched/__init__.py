@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.sched.fifo import FifoPolicy
 from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.sched.predictors import OutputLengthPredictor, make_predictor
 
 SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq")

@@ -1,63 +1,9 @@
 """FastServe's skip-join multi-level feedback queue (MLFQ) behind the `AdmissionPolicy` interface.
 
-Every rule and estimate it uses:
-
-Levels and quanta
------------------
-* Levels 0..L-1 (`options.mlfq_levels`), level 0 the highest priority. The quantum of level i is
-  `options.mlfq_base_quantum_s * 2**i`.
-
-Skip-join (on `add`)
---------------------
-* A new job enters the highest-priority level whose quantum is >= its predicted prefill time, or
-  the last level when none is. Predicted prefill time = prompt tokens x the per-token prefill cost.
-* The per-token cost starts at `DEFAULT_PREFILL_S_PER_TOKEN` (1e-4 s: ~10k prefill tokens/s, a 7B
-  model on one A100) and is learned online in `on_iteration`: an exponential moving average (weight
-  `EMA_WEIGHT`) of `duration_s / tokens` over iterations that include prefill work (a scheduled
-  request that had not computed its whole prompt yet). Decode-only iterations are skipped: they
-  measure memory-bound decoding, not prefill. `on_iteration` sees requests, not their chunk sizes,
-  so the tokens of an iteration are estimated as the sum of every scheduled request's
-  `num_tokens_to_compute` before the step; this is exact except for the one request per iteration
-  whose chunk the token budget may have cut short (then it overestimates tokens).
-* A preempted job comes back (`requeue`) at the level it had, with its attained service kept.
-
-Attained service and demotion
------------------------------
-* In `on_iteration(scheduled, duration_s, now)` every scheduled job's time at its current level
-  grows by `duration_s` (the whole iteration: a batch runs its jobs together). When it exceeds the
-  level's quantum (strictly), the job is demoted one level and its time at level restarts at 0.
-  Jobs at the last level stay there.
-
-Promotion (starvation prevention)
----------------------------------
-* A waiting job that has waited >= `options.mlfq_promote_after_s` (alpha) since it last ran, arrived
-  or was requeued moves to level 0 (time at level reset), keeping its place in line by its
-  enqueue order. Checked whenever the policy sees a clock value (`preemptions`, `candidates`, `add`).
-
-Order (`candidates`)
---------------------
-* Waiting jobs by (level, enqueue order); enqueue order is the order of `add` and `requeue` calls,
-  so a preempted job goes behind the jobs already waiting at its level.
-* Strict priority: `skip_blocked` is False, so a job the mechanism cannot admit (memory) stops the
-  iteration's admissions rather than letting lower-priority jobs pass it.
-
-Preemption at iteration granularity (`preemptions`)
----------------------------------------------------
-* The view exposes neither `max_num_seqs` nor the token budget, so "the running set is full" is
-  inferred: a waiting job is a contender only if it was already waiting during the previous
-  candidates walk and is still waiting, which under strict priority means the mechanism had no room
-  for it (sequences, token budget or memory). Newly arrived jobs first get their chance to be
-  admitted without preempting anyone.
-* Contenders (best first: level, then enqueue order) are paired with running jobs worst first (the
-  victim order below); a running job is preempted while its level is strictly lower priority
-  (higher number) than its contender's. So at most one running job per contender is taken out.
-* The mechanism swaps the preempted jobs' KV to host memory (`swap_preempted = True`) and swaps it
-  back in, ahead of the job's next step, when it is admitted again: output is token-identical.
-
-Victim when KV runs short
--------------------------
-* The running job with the latest estimated next-scheduled time: the lowest-priority level, and
-  within it the latest arrival.
+A job enters the highest level whose quantum covers its predicted prefill time, is demoted when it
+uses up its level's quantum (each level 2x the one above), promoted to the top after waiting
+alpha, and preempted (its KV swapped to host memory) for a waiting job of a higher level. Strict
+priority: a blocked job stops the walk. Every rule and estimate: `docs/scheduling.md` (MLFQ).
 """
 
 from __future__ import annotations
@@ -65,13 +11,13 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import attrs
 
-from chameleon.sched.policy import PolicyBase
 from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.policy import GeneratorWalk, PolicyBase, Walk
 from chameleon.sched.request import Request
 
 __all__ = ["DEFAULT_PREFILL_S_PER_TOKEN", "EMA_WEIGHT", "MLFQPolicy"]
@@ -107,6 +53,7 @@ class MLFQPolicy(PolicyBase):
     swap_preempted = True
 
     def __init__(self, options: SchedulerOptions | None = None) -> None:
+        super().__init__()
         self.options = options or SchedulerOptions()
         self.num_levels = self.options.mlfq_levels
         self.prefill_s_per_token = DEFAULT_PREFILL_S_PER_TOKEN
@@ -200,9 +147,12 @@ class MLFQPolicy(PolicyBase):
             self._counters[job.level].preemptions += 1
         return out
 
-    def candidates(self, now: float) -> Iterator[Request]:
+    def walk(self, now: float) -> Walk:
         self._tick(now)
-        self._walk_seq = self._next_seq
+        self._walk_seq = self._next_seq  # a walk starts now, whether or not anything is pulled
+        return GeneratorWalk(self, self._offers())
+
+    def _offers(self) -> Generator[Request, None, None]:
         for level in self._levels:
             for job in list(level):
                 if job.waiting:

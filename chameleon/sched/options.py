@@ -1,40 +1,69 @@
-"""Knobs of the scheduling policies (one frozen value, validated on construction)."""
+"""Knobs of every scheduling policy, MLQ's included (one frozen value, validated on construction).
+
+Defaults follow the papers: MLQ's 5 min refresh, K <= 4, TTFT SLO 5 s and WRS weights 0.4/0.6
+(Chameleon §4.3); MLFQ's 2x quanta and 300 ms promotion (FastServe). The K rule and the estimator
+windows are ours, documented in `docs/scheduling.md`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
 
 from chameleon.errors import ConfigError
+from chameleon.sched.mlq.clustering import DEFAULT_MIN_SAMPLES, DEFAULT_MIN_SILHOUETTE, QueueLayout
+from chameleon.sched.mlq.estimators import ArrivalRateEstimator
+from chameleon.validate import boolean, int_at_least, number, one_of, positive, positive_int, unit_interval
 
-
-def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
-    if not value > 0:
-        raise ConfigError(f"SchedulerOptions.{attribute.name} must be > 0, got {value!r}")
+PredictorName = Literal["history", "oracle", "noisy-oracle"]
 
 
 @attrs.frozen
 class SchedulerOptions:
     # Output-length prediction (sjf, chameleon): an online history predictor by default; the oracle
     # and the noisy oracle are for simulation and sensitivity studies (SPEC §3).
-    predictor: Literal["history", "oracle", "noisy-oracle"] = "history"
-    predictor_accuracy: float = 0.8
+    predictor: PredictorName = attrs.field(default="history", validator=one_of("history", "oracle", "noisy-oracle"))
+    predictor_accuracy: float = attrs.field(default=0.8, validator=unit_interval)
     seed: int = 0
     # Chameleon MLQ (paper §4.3).
-    slo_ttft_s: float = attrs.field(default=5.0, validator=_positive)
-    refresh_period_s: float = attrs.field(default=300.0, validator=_positive)  # paper: 5 minutes
-    k_max: int = 4
-    bypass: bool = True
+    slo_ttft_s: float = attrs.field(default=5.0, validator=positive)
+    refresh_period_s: float = attrs.field(default=300.0, validator=positive)  # paper: 5 minutes
+    k_max: int = attrs.field(default=4, validator=int_at_least(1))
+    bypass: bool = attrs.field(default=True, validator=boolean)
+    wrs_window: int = attrs.field(default=1024, validator=positive_int)  # recent WRS values clustered
+    min_cluster_samples: int = attrs.field(default=DEFAULT_MIN_SAMPLES, validator=int_at_least(2))
+    min_silhouette: float = attrs.field(
+        default=DEFAULT_MIN_SILHOUETTE, validator=number(lambda v: -1.0 <= v <= 1.0, "in [-1, 1]")
+    )
+    rate_window_s: float = attrs.field(default=60.0, validator=positive)  # lambda, D and S window
+    min_rate_span_s: float = attrs.field(default=1.0, validator=positive)
+    default_service_s: float = attrs.field(default=1.0, validator=positive)  # D before any finish
+    input_weight: float = attrs.field(default=0.4, validator=number(lambda v: v >= 0 and v < float("inf"), ">= 0"))
+    output_weight: float = attrs.field(default=0.6, validator=number(lambda v: v >= 0 and v < float("inf"), ">= 0"))
     # FastServe skip-join MLFQ.
-    mlfq_levels: int = 6
-    mlfq_base_quantum_s: float = attrs.field(default=0.05, validator=_positive)  # level i: base * 2**i
-    mlfq_promote_after_s: float = attrs.field(default=0.3, validator=_positive)  # alpha: 300 ms
+    mlfq_levels: int = attrs.field(default=6, validator=positive_int)
+    mlfq_base_quantum_s: float = attrs.field(default=0.05, validator=positive)  # level i: base * 2**i
+    mlfq_promote_after_s: float = attrs.field(default=0.3, validator=positive)  # alpha: 300 ms
 
     def __attrs_post_init__(self) -> None:
-        if self.predictor not in ("history", "oracle", "noisy-oracle"):
-            raise ConfigError(f"unknown predictor {self.predictor!r}")
-        if not 0.0 <= self.predictor_accuracy <= 1.0:
-            raise ConfigError("predictor_accuracy must be in [0, 1]")
-        if not 1 <= self.k_max <= 8 or self.mlfq_levels < 1:
-            raise ConfigError("k_max must be in 1..8 and mlfq_levels >= 1")
+        if self.k_max > 8:
+            raise ConfigError(f"SchedulerOptions.k_max must be in 1..8, got {self.k_max}")
+        if self.input_weight + self.output_weight <= 0:
+            raise ConfigError("SchedulerOptions.input_weight + output_weight must be > 0")
+
+    def fit_layout(self, values: Sequence[float]) -> QueueLayout:
+        """Queue layout for recent WRS values under these options' K rule."""
+        return QueueLayout.fit(
+            values, k_max=self.k_max, min_samples=self.min_cluster_samples, min_silhouette=self.min_silhouette
+        )
+
+    def estimator(self, start_s: float) -> ArrivalRateEstimator:
+        """A per-queue load estimator with these options' window, started at clock value `start_s`."""
+        return ArrivalRateEstimator(
+            start_s=start_s,
+            window_s=self.rate_window_s,
+            min_span_s=self.min_rate_span_s,
+            default_service_s=self.default_service_s,
+        )

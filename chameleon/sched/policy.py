@@ -1,16 +1,18 @@
 """The interface between the scheduler's mechanism and a scheduling policy.
 
-The mechanism (`chameleon.sched.scheduler.Scheduler`) owns KV blocks, adapter residency, the token budget
-and how a preemption happens (recompute, or swap the KV to host memory). A policy owns the waiting
-requests and decides order: who is admitted first, who is preempted, who is the victim when KV
-runs short. A policy never touches tensors, the model or the executor; it sees the engine only
-through `SchedulingView`.
+The mechanism (`chameleon.sched.scheduler.Scheduler`) owns KV blocks, adapter residency, the token
+budget and how a preemption happens (recompute, or swap the KV to host memory). A policy owns the
+waiting requests and decides order: who is admitted first (an explicit `Walk`), who is preempted,
+who is the victim when KV runs short. A policy never touches tensors, the model or the executor;
+it sees the engine only through `SchedulingView`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
+
+import attrs
 
 from chameleon.sched.request import Request
 
@@ -31,6 +33,16 @@ class SchedulingView(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Most requests that may run at once."""
+        ...
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        """The token budget of one iteration."""
+        ...
+
     def adapter_rank(self, name: str) -> int:
         """Rows the adapter occupies on the device (its largest rank)."""
         ...
@@ -46,6 +58,24 @@ class SchedulingView(Protocol):
     def adapter_token_cost(self, name: str | None) -> int:
         """An adapter's device memory expressed in KV tokens (0 for the base model)."""
         ...
+
+
+class Walk(Protocol):
+    """One admission pass: the mechanism asks for requests one at a time and says what happened.
+
+    `next()` offers the next request to try (None: nothing more this iteration). Every offer is
+    answered with `accept(now)` (it was admitted: the policy's `admitted` runs) or `reject()` (it was
+    not). `close()` ends the walk, early or not, and undoes any tentative state of the last offer.
+    Only one walk is open at a time.
+    """
+
+    def next(self) -> Request | None: ...
+
+    def accept(self, now: float) -> None: ...
+
+    def reject(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class AdmissionPolicy(Protocol):
@@ -69,12 +99,8 @@ class AdmissionPolicy(Protocol):
         """A waiting request was aborted."""
         ...
 
-    def candidates(self, now: float) -> Iterator[Request]:
-        """Waiting requests in the order they should be tried this iteration.
-
-        The scheduler may stop iterating at any point (it closes the generator), and it calls
-        `admitted` for each request it takes before asking for the next one.
-        """
+    def walk(self, now: float) -> Walk:
+        """Open this iteration's admission walk over the waiting requests (see `Walk`)."""
         ...
 
     def skip_blocked(self, request: Request) -> bool:
@@ -82,7 +108,9 @@ class AdmissionPolicy(Protocol):
         anyway; False: stop admitting this iteration (FIFO's head-of-line blocking)."""
         ...
 
-    def admitted(self, request: Request, now: float) -> None: ...
+    def admitted(self, request: Request, now: float) -> None:
+        """`request` left the waiting set to run (called through `Walk.accept`)."""
+        ...
 
     def left_running(self, request: Request, now: float) -> None:
         """A request stopped running: it finished, was aborted, preempted or squashed."""
@@ -114,13 +142,43 @@ class AdmissionPolicy(Protocol):
     def __len__(self) -> int: ...
 
 
+@attrs.define
+class AdmissionCounters:
+    """What every policy counts: admissions and the time they waited."""
+
+    admissions: int = 0
+    queue_time_s: float = 0.0
+
+    def admitted(self, waited_s: float) -> None:
+        self.admissions += 1
+        self.queue_time_s += max(0.0, waited_s)
+
+
 class PolicyBase:
-    """Defaults for the parts of the protocol most policies do not care about."""
+    """Defaults for the parts of the protocol most policies do not care about, and shared counters."""
 
     swap_preempted = False
 
+    def __init__(self) -> None:
+        self.counters = AdmissionCounters()
+
     def bind(self, view: SchedulingView) -> None:
         self.view = view
+
+    def peek(self, now: float, limit: int | None = None) -> list[Request]:
+        """The walk's order, admitting nothing (tests, prefetch look-ahead, introspection)."""
+        walk = self.walk(now)  # type: ignore[attr-defined]
+        out: list[Request] = []
+        try:
+            while limit is None or len(out) < limit:
+                request = walk.next()
+                if request is None:
+                    break
+                out.append(request)
+                walk.reject()
+        finally:
+            walk.close()
+        return out
 
     def skip_blocked(self, request: Request) -> bool:
         return False
@@ -141,4 +199,70 @@ class PolicyBase:
         pass
 
     def metrics(self) -> dict[str, Any]:
-        return {}
+        return {"admissions": self.counters.admissions, "queue_time_s": self.counters.queue_time_s, "waiting": len(self)}
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class IndexWalk:
+    """A walk over a live, ordered list of waiting requests (FIFO, SJF).
+
+    `items` is the policy's own list (not a copy), `resolve` maps an item to its request. An
+    accepted request leaves the list (the policy's `admitted` removes it), so the index stays; a
+    rejected one is stepped over.
+    """
+
+    def __init__(
+        self,
+        policy: AdmissionPolicy,
+        items: Sequence[Any],
+        resolve: Callable[[Any], Request] = lambda item: item,
+    ) -> None:
+        self._policy, self._items, self._resolve = policy, items, resolve
+        self._i = 0
+        self._offered: Request | None = None
+
+    def next(self) -> Request | None:
+        items = self._items
+        self._offered = self._resolve(items[self._i]) if self._i < len(items) else None
+        return self._offered
+
+    def accept(self, now: float) -> None:
+        assert self._offered is not None, "accept() without an offer"
+        self._policy.admitted(self._offered, now)
+        self._offered = None
+
+    def reject(self) -> None:
+        self._offered = None
+        self._i += 1
+
+    def close(self) -> None:
+        self._offered = None
+
+
+class GeneratorWalk:
+    """A walk driven by a policy's generator of offers (MLQ's two phases, MLFQ's levels).
+
+    The generator learns the outcome of an offer from the policy's own state (`admitted` ran or
+    not) when it is resumed; closing the generator runs its clean-up (`finally`)."""
+
+    def __init__(self, policy: AdmissionPolicy, offers: Generator[Request, None, None]) -> None:
+        self._policy, self._offers = policy, offers
+        self._offered: Request | None = None
+
+    def next(self) -> Request | None:
+        self._offered = next(self._offers, None)
+        return self._offered
+
+    def accept(self, now: float) -> None:
+        assert self._offered is not None, "accept() without an offer"
+        self._policy.admitted(self._offered, now)
+        self._offered = None
+
+    def reject(self) -> None:
+        self._offered = None
+
+    def close(self) -> None:
+        self._offered = None
+        self._offers.close()

@@ -20,9 +20,8 @@ def prediction_input(request: Request) -> PredictionInput:
 
 
 def predict(predictor: OutputLengthPredictor, request: Request) -> int:
-    if request.predicted_output_len is None:
-        request.predicted_output_len = predictor.predict(prediction_input(request))
-    return request.predicted_output_len
+    """The predicted output length; the policy keeps it in its own entry for the request."""
+    return predictor.predict(prediction_input(request))
 
 
 def observe(predictor: OutputLengthPredictor, request: Request) -> None:

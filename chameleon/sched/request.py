@@ -43,7 +43,6 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
-    predicted_output_len: int | None = None  # set by size-aware scheduling policies
     swapped: bool = False  # its KV (num_computed_tokens of it) waits in host memory
 
     @property

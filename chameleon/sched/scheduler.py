@@ -15,7 +15,7 @@ import attrs
 
 from chameleon.memory.adapter_cache import Acquired, AdapterCache
 from chameleon.memory.kv_blocks import KVBlockManager, blocks_for
-from chameleon.sched.policy import AdmissionPolicy
+from chameleon.sched.policy import AdmissionPolicy, Walk
 from chameleon.sched.request import Request, RequestStatus
 
 
@@ -81,7 +81,7 @@ class Scheduler:
         self.blocks = blocks
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self._max_num_batched_tokens = max_num_batched_tokens
         self._max_model_len = max_model_len
         self.prefetch_depth = prefetch_depth  # waiting requests whose adapters we load ahead
         self._running: list[Request] = []  # in admission order
@@ -102,6 +102,10 @@ class Scheduler:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self._max_num_batched_tokens
 
     def adapter_rank(self, name: str) -> int:
         return self.adapters.entry(name).rows
@@ -133,7 +137,7 @@ class Scheduler:
 
     def schedule(self, now: float, speculative: tuple[str, ...] = ()) -> SchedulerOutput:
         """`speculative`: adapters an arrival predictor expects soon; loaded into free memory only."""
-        budget = self.max_num_batched_tokens
+        budget = self._max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
@@ -161,24 +165,33 @@ class Scheduler:
 
         # 2. Admit waiting requests, unless memory was so short that we just had to preempt.
         if not forced:
-            candidates = self.policy.candidates(now)
-            for request in candidates:
-                if budget == 0 or len(self._running) >= self.max_num_seqs:
-                    break
-                if request in preempted:
-                    continue  # not straight back in: that would undo the preemption
-                num_new = min(request.num_tokens_to_compute, budget)
-                if self._try_admit(request, num_new, now):
-                    scheduled.append(ScheduledRequest(request, num_new))
-                    budget -= num_new
-                elif not self.policy.skip_blocked(request):
-                    break
-            close = getattr(candidates, "close", None)
-            if close is not None:
-                close()
+            budget = self._admit(now, budget, scheduled, preempted)
 
         prefetches = self._prefetch(now, speculative)
         return self._pending.flush(scheduled, preempted, prefetches)
+
+    def _admit(self, now: float, budget: int, scheduled: list[ScheduledRequest], preempted: list[Request]) -> int:
+        """Step 2: walk the policy's waiting requests, admitting while budget, seats and memory last."""
+        walk = self.policy.walk(now)
+        try:
+            while budget > 0 and len(self._running) < self.max_num_seqs:
+                request = walk.next()
+                if request is None:
+                    break
+                if request in preempted:  # not straight back in: that would undo the preemption
+                    walk.reject()
+                    continue
+                num_new = min(request.num_tokens_to_compute, budget)
+                if self._try_admit(request, num_new, now, walk):
+                    scheduled.append(ScheduledRequest(request, num_new))
+                    budget -= num_new
+                    continue
+                walk.reject()
+                if not self.policy.skip_blocked(request):
+                    break
+        finally:
+            walk.close()
+        return budget
 
     # --- memory ----------------------------------------------------------------------------------
 
@@ -212,7 +225,7 @@ class Scheduler:
                 return False, victims
         return True, victims
 
-    def _try_admit(self, request: Request, num_new: int, now: float) -> bool:
+    def _try_admit(self, request: Request, num_new: int, now: float, walk: Walk) -> bool:
         acquired = None
         if request.adapter is not None:
             # Take the adapter first: holding a reference keeps KV's reclaim from evicting it.
@@ -234,7 +247,7 @@ class Scheduler:
             self.stats.swapped_in_bytes += n * self._block_bytes()
             request.swapped = False
         self._queued(request, -1)
-        self.policy.admitted(request, now)
+        walk.accept(now)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
@@ -245,15 +258,17 @@ class Scheduler:
         """Load the adapters of the next waiting requests (and predicted arrivals) ahead of time."""
         wanted: dict[str, bool] = {}  # adapter -> may evict idle adapters nobody queues for
         if self.prefetch_depth:
-            candidates = self.policy.candidates(now)
-            for i, request in enumerate(candidates):
-                if i >= self.prefetch_depth:
-                    break
-                if request.adapter is not None:
-                    wanted.setdefault(request.adapter, True)
-            close = getattr(candidates, "close", None)
-            if close is not None:
-                close()
+            walk = self.policy.walk(now)
+            try:
+                for _ in range(self.prefetch_depth):
+                    request = walk.next()
+                    if request is None:
+                        break
+                    walk.reject()  # a look-ahead: nothing is admitted
+                    if request.adapter is not None:
+                        wanted.setdefault(request.adapter, True)
+            finally:
+                walk.close()
         for name in speculative:
             wanted.setdefault(name, False)
         out = []

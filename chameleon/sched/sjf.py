@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator
-from typing import Any
 
-from chameleon.sched.policy import PolicyBase
+from chameleon.sched.policy import IndexWalk, PolicyBase, Walk
 from chameleon.sched.prediction import observe, predict
 from chameleon.sched.predictors import OutputLengthPredictor
 from chameleon.sched.request import Request
@@ -19,23 +17,34 @@ from chameleon.sched.request import Request
 
 class SjfPolicy(PolicyBase):
     def __init__(self, predictor: OutputLengthPredictor) -> None:
+        super().__init__()
         self.predictor = predictor
         self._order: list[tuple[int, int]] = []  # (size, arrival sequence), kept sorted
         self._by_key: dict[tuple[int, int], Request] = {}
         self._key: dict[str, tuple[int, int]] = {}
+        self._predicted: dict[str, int] = {}  # request id -> predicted output tokens
+        self._left: set[str] = set()  # left running this iteration; not (yet) requeued or completed
         self._seq = itertools.count()
-        self._admitted = 0
-        self._queue_time = 0.0
 
     def add(self, request: Request, now: float) -> None:
-        predict(self.predictor, request)
+        self._predicted[request.request_id] = predict(self.predictor, request)
         self._push(request)
 
     def requeue(self, request: Request, now: float) -> None:
+        self._left.discard(request.request_id)
         self._push(request)
 
+    def left_running(self, request: Request, now: float) -> None:
+        self._left.add(request.request_id)  # requeued, completed, or (aborted) forgotten next iteration
+
+    def preemptions(self, now: float) -> list[Request]:
+        for rid in self._left:
+            self._predicted.pop(rid, None)
+        self._left.clear()
+        return []
+
     def _push(self, request: Request) -> None:
-        key = (len(request.prompt_token_ids) + (request.predicted_output_len or 0), next(self._seq))
+        key = (len(request.prompt_token_ids) + self._predicted[request.request_id], next(self._seq))
         bisect.insort(self._order, key)
         self._by_key[key] = request
         self._key[request.request_id] = key
@@ -47,25 +56,19 @@ class SjfPolicy(PolicyBase):
 
     def remove(self, request: Request) -> None:
         self._drop(request)
+        self._predicted.pop(request.request_id, None)
 
-    def candidates(self, now: float) -> Iterator[Request]:
-        i = 0
-        while i < len(self._order):
-            key = self._order[i]
-            yield self._by_key[key]
-            if i < len(self._order) and self._order[i] == key:  # not admitted: look further
-                i += 1
+    def walk(self, now: float) -> Walk:
+        return IndexWalk(self, self._order, self._by_key.__getitem__)
 
     def admitted(self, request: Request, now: float) -> None:
         self._drop(request)
-        self._admitted += 1
-        self._queue_time += now - request.arrival_time
+        self.counters.admitted(now - request.arrival_time)
 
     def completed(self, request: Request, now: float) -> None:
         observe(self.predictor, request)
-
-    def metrics(self) -> dict[str, Any]:
-        return {"admissions": self._admitted, "queue_time_s": self._queue_time, "waiting": len(self._order)}
+        self._left.discard(request.request_id)
+        self._predicted.pop(request.request_id, None)
 
     def __len__(self) -> int:
         return len(self._order)

@@ -7,19 +7,12 @@ driver shared with real runs lives in `chameleon.harness.driver`.
 Nothing here imports torch. A simulated result is always labelled as one.
 """
 
-from chameleon.sim.cost_model import (
-    A40_LLAMA7B_CALIBRATION,
-    GPUS,
-    MODELS,
-    AnalyticCostModel,
-    BatchShape,
-    Calibration,
-    CostProfile,
-    GPUSpec,
-    ModelCost,
-)
-from chameleon.sim.executor import SimulatedExecutor, synthetic_path
+from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, AnalyticCostModel, Calibration
 from chameleon.sim.engine import build_sim_engine
+from chameleon.sim.executor import SimulatedExecutor, synthetic_path
+from chameleon.sim.hardware import GPUS, MODELS, GPUSpec, ModelCost
+from chameleon.sim.profile import CostProfile
+from chameleon.sim.shape import BatchShape
 
 __all__ = [
     "A40_LLAMA7B_CALIBRATION",

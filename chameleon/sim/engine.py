@@ -11,17 +11,10 @@ from typing import Any, Protocol
 
 from chameleon.clock import ManualClock
 from chameleon.engine.core import CoreLimits, EngineCore
-from chameleon.sim.cost_model import (
-    A40_LLAMA7B_CALIBRATION,
-    DEFAULT_RESERVE_FRACTION,
-    Calibration,
-    CostProfile,
-    GPUSpec,
-    ModelCost,
-    get_gpu,
-    get_model,
-)
+from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, Calibration
 from chameleon.sim.executor import SimulatedExecutor, synthetic_path
+from chameleon.sim.hardware import DEFAULT_RESERVE_FRACTION, GPUSpec, ModelCost, get_gpu, get_model
+from chameleon.sim.profile import CostProfile
 
 __all__ = ["NamedRank", "build_sim_engine"]
 

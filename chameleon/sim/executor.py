@@ -1,31 +1,9 @@
 """`SimulatedExecutor`: the `Executor` protocol over a cost model and a virtual clock (no torch).
 
-The engine core, scheduler and adapter cache are the real ones; only the iteration is simulated.
-Modelling choices:
-
-* `execute(batch)` advances the injected `ManualClock` by the cost model's time for the batch's
-  shape, times the cost model's `time_factor` drawn with a generator seeded by `seed` (1 for the
-  analytic model; the measured spread for a profile), and returns `token_id` (0 by default) for
-  every sequence that samples. Per sequence:
-  new tokens = `ScheduledRequest.num_new_tokens`; context = `num_computed_tokens` + new; it
-  *decodes* when it has computed its whole prompt and computes one token, else it *prefills*
-  (also a re-prefill after a preemption); its LoRA rank is its adapter's (0: base model).
-* Adapters are synthetic. `read_adapter(name, "synthetic://rank=16")` reads nothing: the path
-  names the rank. Device bytes = rank · `adapter_row_bytes`, where a rank row holds an A row (in)
-  and a B row (out) of every target module in every layer, fp16: for Llama-7B with q,k,v,o that is
-  2 · 32 · 4 · (4096 + 4096) = 2 MiB, so a rank-32 adapter is 64 MiB (SPEC §1).
-* One host -> device link, used by one copy at a time (FIFO). `load_adapter` (synchronous, on the
-  critical path) advances the clock until its copy is done. `prefetch_adapter` starts a copy in
-  the background, so it progresses in parallel with compute; a later `load_adapter` of it only
-  waits for what is left: max(0, prefetch_end − now), where prefetch_end = start + transfer and
-  start = max(time of the prefetch, when the link frees up). A batch whose adapter is still in
-  flight waits for it before it runs, even if the engine never calls `load_adapter` for it.
-* KV swapping (FastServe-style preemption) copies `len(block_ids) · kv_block_bytes` over the same
-  link model — swap-in host -> device (queued with adapter copies), swap-out on the device -> host
-  direction (PCIe is full duplex) — synchronously: the core swaps before the iteration runs.
-* Memory (analytic model): GPU memory − reserve − weights is offered both as KV blocks and as
-  adapter rows (`adapter_pool_rows` defaults to "all idle memory"); the engine's memory budget
-  splits it (KV first). With a `CostProfile`, the profiled engine's sizes are mirrored.
+The engine core, scheduler and adapter cache are the real ones; only the iteration is simulated:
+`execute` advances the injected `ManualClock` by the cost model's time for the batch's shape;
+adapters are synthetic (`synthetic://rank=R`); one FIFO host->device link carries adapter copies
+and KV swaps, with prefetches overlapping compute. The modelling choices: `docs/simulator.md`.
 """
 
 from __future__ import annotations
@@ -37,22 +15,14 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from chameleon.outputs import AdapterInfo
 from chameleon.clock import ManualClock
 from chameleon.errors import AdapterNotFoundError, AdapterValidationError
+from chameleon.outputs import AdapterInfo
 from chameleon.sched.scheduler import SchedulerOutput
-from chameleon.sim.cost_model import (
-    A40_LLAMA7B_CALIBRATION,
-    DEFAULT_LORA_TARGETS,
-    DEFAULT_RESERVE_FRACTION,
-    AnalyticCostModel,
-    BatchShape,
-    Calibration,
-    CostModel,
-    CostProfile,
-    GPUSpec,
-    ModelCost,
-)
+from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, AnalyticCostModel, Calibration
+from chameleon.sim.hardware import DEFAULT_LORA_TARGETS, DEFAULT_RESERVE_FRACTION, GPUSpec, ModelCost
+from chameleon.sim.profile import CostProfile
+from chameleon.sim.shape import BatchShape, CostModel
 
 __all__ = ["SYNTHETIC_SCHEME", "SimStats", "SimulatedExecutor", "SyntheticAdapter", "batch_shape", "synthetic_path"]
 

@@ -1,92 +1,11 @@
 """Chameleon's quota-based multi-level queue (paper §4.3) behind the `AdmissionPolicy` interface.
 
-The arithmetic (WRS, K-means cut-offs, M/M/1 quotas, the quota ledger, load estimators) lives in
-`chameleon.sched.mlq.math`; this module applies it to the requests the scheduler hands us. Every rule and
-estimate it uses:
-
-Sizing a request (on `add`)
----------------------------
-* Its output length is predicted once (`prediction.predict`, stored in `predicted_output_len`).
-* WRS is the paper's formula (`mlq.weighted_request_size`) with `max_input = max_output =
-  view.max_model_len` and adapter size = `view.adapter_rank(name) / view.max_adapter_rank()`.
-  Base-model requests are sized like the smallest adapter (mlq.py's rule). The view does not name
-  the smallest registered rank, so we use the smallest rank among the adapter requests seen so far,
-  or the largest registered rank before any (factor 1: sizes are then purely length-based). With no
-  adapter registered at all the factor is 1. WRS is computed at arrival and kept.
-* The WRS goes into a window of recent values (`MLQConfig.wrs_window`) for the next layout refresh.
-* Quota cost (tokens) = `mlq.request_tokens(prompt, max(predicted, generated so far), adapter)`,
-  where the adapter's memory is `view.adapter_token_cost(adapter)` KV-token equivalents (taken at
-  arrival), always charged so the scheduler and the adapter cache agree on what fits.
-  A cost larger than its queue's whole quota is charged that whole quota instead: such a request
-  runs when its queue holds nothing else, rather than never.
-
-Queues, refresh
----------------
-* Queue i holds the requests whose WRS falls in the i-th interval of the current `QueueLayout`
-  (queue 0: the smallest). FIFO within a queue, by (arrival time, order of `add`); a preempted or
-  squashed request goes back to its place by arrival time, not to the tail.
-* Until the first refresh there is one queue whose quota is the whole KV cache.
-* Every `options.refresh_period_s` of clock time (the `now` values we are given; the period starts
-  at the first one seen) the layout is refitted on the WRS window (`MLQConfig.fit_layout`: exact
-  K-means, K <= `options.k_max` by the silhouette rule), every tracked request (waiting or running)
-  is re-placed by its WRS, the per-queue load estimators are rebuilt by replaying the arrivals and
-  service times of the last `rate_window_s` under the new layout, and the ledger is `reset` with new
-  quotas (in-flight charges move in full to their request's new queue). `apply_layout(layout,
-  quotas)` is that last step alone, for tests and experiments that impose a layout.
-* Quotas: `mlq.assign_quotas(view.kv_capacity_tokens, stats, slo_s=options.slo_ttft_s)`: each queue
-  gets at least its M/M/1 minimum `S·D·(1/SLO + λ)` (S: largest request cost that arrived in the
-  window, D: mean service time = finish - first scheduling of its requests that completed, λ: its
-  arrival rate), and the leftover is shared by demand = the costs of the queue's waiting and running
-  requests at refresh time.
-* Clock values are made monotonic (`max` of all `now` seen) before they reach the estimators: the
-  engine passes a request's own arrival time to `add`, which a caller may set in the past.
-
-Batch formation (`candidates`)
-------------------------------
-* Phase 1 walks queues smallest to largest, FIFO within each. A request is offered only after its
-  cost is taken from its own queue's quota (`QuotaLedger.try_take`). If the scheduler calls
-  `admitted` for it before pulling the next candidate, the take stands; otherwise (memory-blocked,
-  budget exhausted, generator closed) it is given back at once (a try/finally in the generator).
-  A queue's walk stops at its first request that is not admitted: if it was stopped by its quota,
-  the queue goes on in phase 2; if it was refused by the mechanism (memory), the queue is done for
-  this iteration (FIFO inside a queue). Other queues are never blocked: `skip_blocked` is True.
-* Phase 2 walks the quota-stopped queues again, smallest first, FIFO, and spends leftover: a request
-  may borrow (`try_take_leftover`) the remaining quota of every queue with nothing waiting, and what
-  its own queue has left, in that order. It stops a queue at its first request that does not get in.
-* Each queue admits from its own quota every iteration, so no queue starves: a request waits at most
-  for the in-flight requests of its own queue (and loans taken from it while it was idle) to finish.
-* Only one walk may be open at a time (the scheduler closes each before opening the next).
-* Consequence of the rules above: a walk in which nothing is admitted (the scheduler's adapter
-  prefetch look-ahead) sees at most each queue's head (or its bypassers), the requests next in line.
-* A request admitted outside a walk (never done by the scheduler) is charged what its queue has left.
-
-Opportunistic bypass (when `options.bypass`)
--------------------------------------------
-* Condition: a queue's head fits its quota, has an adapter, and `view.adapter_available(adapter,
-  now)` is False (it cannot fit even after evicting every idle adapter). The head is then not
-  offered; up to `BYPASS_SCAN` younger requests of the same queue are considered, in FIFO order.
-  A candidate may go first if its adapter is available (or it has none) and it is predicted to
-  finish before memory for the head frees. Each bypasser must fit the queue's quota; the scan stops
-  at the first that does not, or that the mechanism refuses.
-* Estimate of "memory frees": when the running request holding an adapter with the fewest predicted
-  remaining tokens finishes; predicted remaining tokens = `predicted_output_len - len(output)`
-  (floored at 0). If no running request holds an adapter, over all running requests (the adapter is
-  then crowded out by KV); with nothing running, no bypass. The bypasser's predicted tokens are its
-  own `predicted_output_len - len(output)` (its whole prediction for a fresh request). Both count
-  decode iterations (one token each), so they compare directly; a bypass needs strictly fewer.
-* The admitted bypasser is marked with the head it bypassed. Squash: in `preemptions(now)`, any
-  running bypasser whose head still waits and whose head's adapter is now available (memory freed
-  before the bypasser finished) is returned for preemption and counted. The mechanism preempts by
-  recompute (`swap_preempted = False`): the bypasser's output tokens are kept and its KV is
-  recomputed from prompt + output when it runs again; sampling state lives in the request's
-  generator, not in the KV, so re-execution yields the same tokens as an uninterrupted run.
-  A mark is cleared when the bypasser leaves running or its head is admitted or aborted.
-
-Victim when KV runs short
--------------------------
-The running request of the largest queue (highest index) with the most predicted remaining tokens;
-ties go to the latest admission. It is the request that would be needed latest and whose quota share
-is the largest, and the small requests the scheduler favours keep running.
+Requests are sized by WRS at arrival, placed in queues by K-means cut-offs refreshed every
+`refresh_period_s`, and admitted in two phases: each queue from its own M/M/1 quota (smallest
+queue first), then from the leftover of idle queues. A head whose adapter cannot fit may be
+bypassed by a younger request of its queue predicted to finish first (squashed if memory frees
+first). The arithmetic is in `sizing`, `clustering`, `quotas` and `estimators`; every rule, estimate
+and its reason is in `docs/scheduling.md` (MLQ).
 """
 
 from __future__ import annotations
@@ -95,22 +14,17 @@ import bisect
 import enum
 import itertools
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import attrs
 
-from chameleon.sched.mlq.math import (
-    ArrivalRateEstimator,
-    MLQConfig,
-    QueueLayout,
-    QuotaLedger,
-    assign_quotas,
-    request_tokens,
-    weighted_request_size,
-)
-from chameleon.sched.policy import PolicyBase, SchedulingView
+from chameleon.sched.mlq.clustering import QueueLayout
+from chameleon.sched.mlq.estimators import ArrivalRateEstimator
+from chameleon.sched.mlq.quotas import QuotaLedger, assign_quotas
+from chameleon.sched.mlq.sizing import request_tokens, weighted_request_size
 from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.policy import GeneratorWalk, PolicyBase, SchedulingView, Walk
 from chameleon.sched.prediction import observe, predict
 from chameleon.sched.predictors import OutputLengthPredictor
 from chameleon.sched.request import Request
@@ -120,9 +34,9 @@ __all__ = ["BYPASS_SCAN", "MLQPolicy"]
 BYPASS_SCAN = 64  # younger requests of a blocked head's queue considered as bypassers
 
 
-def remaining_predicted(request: Request) -> int:
+def remaining_predicted(entry: _Entry | None) -> int:
     """Predicted decode tokens still to come (0 when unknown or already exceeded)."""
-    return max(0, (request.predicted_output_len or 0) - len(request.output_token_ids))
+    return 0 if entry is None else max(0, entry.predicted - len(entry.request.output_token_ids))
 
 
 @attrs.define(eq=False)
@@ -130,6 +44,7 @@ class _Entry:
     """What the policy keeps about one request, from `add` until it finishes or is aborted."""
 
     request: Request
+    predicted: int  # output tokens, predicted once at arrival
     wrs: float
     adapter_tokens: int  # the adapter's memory in KV tokens, at arrival
     key: tuple[float, int]  # FIFO order inside a queue: (arrival time, add order)
@@ -144,7 +59,7 @@ class _Entry:
 
     def cost(self) -> int:
         r = self.request
-        output = max(r.predicted_output_len or 0, len(r.output_token_ids))
+        output = max(self.predicted, len(r.output_token_ids))
         return request_tokens(len(r.prompt_token_ids), output, self.adapter_tokens, kv_bytes_per_token=1)
 
 
@@ -170,18 +85,14 @@ class _Outcome(enum.Enum):
 
 
 class MLQPolicy(PolicyBase):
-    """Chameleon's MLQ (module docstring)."""
+    """Chameleon's MLQ (module docstring; the rules in docs/scheduling.md)."""
 
     swap_preempted = False
 
     def __init__(self, predictor: OutputLengthPredictor, options: SchedulerOptions | None = None) -> None:
+        super().__init__()
         self.predictor = predictor
         self.options = options or SchedulerOptions()
-        self.config = MLQConfig(
-            k_max=self.options.k_max,
-            refresh_period_s=self.options.refresh_period_s,
-            slo_ttft_s=self.options.slo_ttft_s,
-        )
         self.layout = QueueLayout()
         self.ledger = QuotaLedger([0])
         self._entries: dict[str, _Entry] = {}
@@ -189,7 +100,7 @@ class MLQPolicy(PolicyBase):
         self._left: dict[str, _Entry] = {}  # left running, not (yet) requeued or completed
         self._bypassers: dict[str, _Entry] = {}
         self._offer: _Offer | None = None
-        self._wrs_window: deque[float] = deque(maxlen=self.config.wrs_window)
+        self._wrs_window: deque[float] = deque(maxlen=self.options.wrs_window)
         self._events: deque[tuple[float, float, float, bool]] = deque()  # (t, wrs, tokens|service, arrival?)
         self._estimators: list[ArrivalRateEstimator] = []
         self._estimator_layout = self.layout  # the layout the estimators classify by
@@ -211,11 +122,12 @@ class MLQPolicy(PolicyBase):
 
     def add(self, request: Request, now: float) -> None:
         now = self._tick(now)
-        predict(self.predictor, request)
-        wrs = self._wrs(request)
+        predicted = predict(self.predictor, request)
+        wrs = self._wrs(request, predicted)
         queue = self.layout.queue_of(wrs)
         entry = _Entry(
             request=request,
+            predicted=predicted,
             wrs=wrs,
             adapter_tokens=self.view.adapter_token_cost(request.adapter),
             key=(request.arrival_time, next(self._order)),
@@ -290,8 +202,10 @@ class MLQPolicy(PolicyBase):
             del self._left[rid]
         return self._squashes(now)
 
-    def candidates(self, now: float) -> Iterator[Request]:
-        now = self._tick(now)
+    def walk(self, now: float) -> Walk:
+        return GeneratorWalk(self, self._offers(self._tick(now)))
+
+    def _offers(self, now: float) -> Generator[Request, None, None]:
         spilled: list[int] = []  # queues stopped by their own quota: they go on in phase 2
         try:
             for q in range(self.layout.num_queues):
@@ -309,7 +223,7 @@ class MLQPolicy(PolicyBase):
         def key(item: tuple[int, Request]) -> tuple[int, int, int]:
             position, request = item
             entry = self._entries.get(request.request_id)
-            return (entry.queue if entry is not None else -1, remaining_predicted(request), position)
+            return (entry.queue if entry is not None else -1, remaining_predicted(entry), position)
 
         return max(enumerate(running), key=key)[1]
 
@@ -371,7 +285,7 @@ class MLQPolicy(PolicyBase):
         if horizon is None:
             return
         for entry in self._queues[q][1 : 1 + BYPASS_SCAN]:
-            if not entry.waiting or remaining_predicted(entry.request) >= horizon:
+            if not entry.waiting or remaining_predicted(entry) >= horizon:
                 continue
             if entry.request.adapter is not None and not self.view.adapter_available(entry.request.adapter, now):
                 continue
@@ -415,7 +329,7 @@ class MLQPolicy(PolicyBase):
         """Predicted tokens until memory frees for a blocked head (module docstring), None: never."""
         running = self.view.running
         holders = [r for r in running if r.adapter is not None] or list(running)
-        return min((remaining_predicted(r) for r in holders), default=None)
+        return min((remaining_predicted(self._entries.get(r.request_id)) for r in holders), default=None)
 
     def _squashes(self, now: float) -> list[Request]:
         if not self._bypassers:
@@ -436,7 +350,7 @@ class MLQPolicy(PolicyBase):
 
     # --- sizes, layout, quotas ---------------------------------------------------------------
 
-    def _wrs(self, request: Request) -> float:
+    def _wrs(self, request: Request, predicted: int) -> float:
         view = self.view
         max_rank = view.max_adapter_rank()
         rank = None
@@ -445,14 +359,14 @@ class MLQPolicy(PolicyBase):
             self._min_rank_seen = rank if self._min_rank_seen is None else min(self._min_rank_seen, rank)
         return weighted_request_size(
             len(request.prompt_token_ids),
-            request.predicted_output_len or 0,
+            predicted,
             rank,
             max_input=view.max_model_len,
             max_output=view.max_model_len,
             max_adapter=max_rank if max_rank > 0 else None,
             min_adapter=self._min_rank_seen or max_rank or None,
-            input_weight=self.config.input_weight,
-            output_weight=self.config.output_weight,
+            input_weight=self.options.input_weight,
+            output_weight=self.options.output_weight,
         )
 
     def _tick(self, now: float) -> float:
@@ -460,8 +374,8 @@ class MLQPolicy(PolicyBase):
         self._now = max(self._now, now)
         if self._start is None:
             self._start = self._now
-            self._next_refresh = self._now + self.config.refresh_period_s
-            self._estimators = [self.config.estimator(self._start) for _ in range(self.layout.num_queues)]
+            self._next_refresh = self._now + self.options.refresh_period_s
+            self._estimators = [self.options.estimator(self._start) for _ in range(self.layout.num_queues)]
             self._estimator_layout = self.layout
         if self._now >= self._next_refresh and self._offer is None:
             self.refresh(self._now)
@@ -469,15 +383,15 @@ class MLQPolicy(PolicyBase):
 
     def refresh(self, now: float) -> None:
         """Refit the layout on the WRS window, then `apply_layout` with quotas from the estimators."""
-        self._next_refresh = now + self.config.refresh_period_s
+        self._next_refresh = now + self.options.refresh_period_s
         self.refreshes += 1
-        layout = self.config.fit_layout(list(self._wrs_window)) if self._wrs_window else QueueLayout()
+        layout = self.options.fit_layout(list(self._wrs_window)) if self._wrs_window else QueueLayout()
         self._replay(layout, now)
         demand = [0] * layout.num_queues
         for entry in self._entries.values():
             demand[layout.queue_of(entry.wrs)] += entry.cost()
         stats = [e.stats(now, demand[q]) for q, e in enumerate(self._estimators)]
-        self.apply_layout(layout, assign_quotas(self.view.kv_capacity_tokens, stats, slo_s=self.config.slo_ttft_s))
+        self.apply_layout(layout, assign_quotas(self.view.kv_capacity_tokens, stats, slo_s=self.options.slo_ttft_s))
 
     def apply_layout(self, layout: QueueLayout, quotas: Sequence[int]) -> None:
         """Impose a layout and its quotas: re-place every request by WRS, reset the ledger (in-flight
@@ -500,7 +414,7 @@ class MLQPolicy(PolicyBase):
     def _replay(self, layout: QueueLayout, now: float) -> None:
         """Per-queue estimators for `layout`, rebuilt from the events of the last `rate_window_s`."""
         assert self._start is not None
-        self._estimators = [self.config.estimator(self._start) for _ in range(layout.num_queues)]
+        self._estimators = [self.options.estimator(self._start) for _ in range(layout.num_queues)]
         self._estimator_layout = layout
         self._prune(now)
         for t, wrs, value, arrival in self._events:
@@ -515,7 +429,7 @@ class MLQPolicy(PolicyBase):
         self._prune(t)
 
     def _prune(self, now: float) -> None:
-        horizon = now - self.config.rate_window_s
+        horizon = now - self.options.rate_window_s
         while self._events and self._events[0][0] <= horizon:
             self._events.popleft()
 
