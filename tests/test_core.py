@@ -59,7 +59,7 @@ def test_chunked_prefill_and_decode_share_a_step(tiny_llama: Path) -> None:
     sizes = {s.request.request_id: s.num_new_tokens for s in batch.scheduled}
     assert sizes == {"short": 1, "long": 7}  # one decode token + a 7-token prefill chunk
     assert [s.samples for s in batch.scheduled] == [True, False]
-    core._process(batch, core.executor.execute(batch))
+    core._process(batch, core.executor.execute(core._step_input(batch)))
     outs = drain(core)
     assert len(tokens(outs["long"])) == 2 and core.stats().kv_blocks_in_use == 0
 

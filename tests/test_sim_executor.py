@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import attrs
 import pytest
@@ -11,19 +12,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chameleon.clock import ManualClock
+from chameleon.config import EngineConfig
+from chameleon.engine.core import sequence_input
 from chameleon.errors import AdapterValidationError
+from chameleon.executor.base import StepInput
 from chameleon.harness.driver import POLICIES, run_workload
 from chameleon.harness.metrics import summarize
 from chameleon.harness.workload import AdapterSpec, Workload, WorkloadRequest, slora_workload, trace_workload
 from chameleon.sampling_params import SamplingParams
 from chameleon.sched.request import Request
-from chameleon.sched.scheduler import ScheduledRequest, SchedulerOutput
+from chameleon.sched.scheduler import ScheduledRequest
 from chameleon.sim.analytic import PAPER_TTFT_BY_RANK_S, AnalyticCostModel
 from chameleon.sim.engine import build_sim_engine
 from chameleon.sim.executor import SimulatedExecutor, synthetic_path
 from chameleon.sim.hardware import A40_48GB, LLAMA_7B, memory_plan
 from chameleon.sim.profile import CostProfile, ProfileEngine
 from chameleon.sim.shape import BatchShape, BatchShapeBuilder
+
+
+def step(*scheduled: ScheduledRequest) -> StepInput:
+    """The executor's input for these scheduled requests, as the core builds it."""
+    return StepInput(tuple(sequence_input(s) for s in scheduled))
+
+
+def sim_config(profile: CostProfile | None = None, **fields: Any) -> EngineConfig:
+    """What these tests ran before configs were passed whole: FIFO over an LRU cache."""
+    fields = {"scheduler": "fifo", "adapter_cache": "lru", **fields}
+    if profile is not None and profile.engine is not None:
+        e = profile.engine
+        fields = {"max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens, **fields}
+    return EngineConfig(**fields)
+
 
 MiB = 1 << 20
 MODEL = AnalyticCostModel(A40_48GB, LLAMA_7B)
@@ -77,15 +96,15 @@ def test_execute_advances_the_clock_by_the_cost_model() -> None:
     ex = _executor(clock)
     prefill = _request("p", 300, adapter="a16")
     decode = _request("d", 100, computed=120, outputs=21)
-    batch = SchedulerOutput((ScheduledRequest(prefill, 300), ScheduledRequest(decode, 1)))
-    assert ex.execute(batch) == [0, 0]
+    batch = step(ScheduledRequest(prefill, 300), ScheduledRequest(decode, 1))
+    assert ex.execute(batch) == {"p": 0, "d": 0}
     b = BatchShapeBuilder()
     b.add(300, 0, 16, "a16", samples=True, decode=False)
     b.add(1, 120, 0, None, samples=True, decode=True)
     assert clock.now() == pytest.approx(MODEL.iteration_s(b.build()))
     # A prefill chunk that does not reach the end of the prompt samples nothing.
-    chunk = SchedulerOutput((ScheduledRequest(_request("c", 300), 100),))
-    assert ex.execute(chunk) == []
+    chunk = step(ScheduledRequest(_request("c", 300), 100))
+    assert ex.execute(chunk) == {}
 
 
 def test_load_without_prefetch_is_on_the_critical_path() -> None:
@@ -125,7 +144,7 @@ def test_a_batch_waits_for_its_adapters_prefetch() -> None:
     ex = _executor(clock)
     ex.prefetch_adapter("b64", 0)
     req = _request("r", 10, adapter="b64")
-    ex.execute(SchedulerOutput((ScheduledRequest(req, 10),)))
+    ex.execute(step(ScheduledRequest(req, 10)))
     expected = MODEL.load_s(64 * 2 * MiB) + MODEL.iteration_s(BatchShape.single_prefill(10, 64))
     assert clock.now() == pytest.approx(expected)
 
@@ -163,7 +182,7 @@ def test_batch_shape_matches_the_builder(items: list[tuple[int, int, str | None,
         scheduled.append(ScheduledRequest(req, n))
         rank = ex.ranks.get(adapter, 0) if adapter else 0
         builder.add(n, req.num_computed_tokens, rank, adapter, samples=scheduled[-1].samples, decode=decoding)
-    assert ex.batch_shape(SchedulerOutput(tuple(scheduled))) == builder.build()
+    assert ex.batch_shape(step(*scheduled)) == builder.build()
 
 
 # --- through the engine ---------------------------------------------------------------------------------
@@ -172,7 +191,7 @@ def test_batch_shape_matches_the_builder(items: list[tuple[int, int, str | None,
 @pytest.mark.parametrize("rank", sorted(PAPER_TTFT_BY_RANK_S))
 def test_engine_reproduces_the_papers_unloaded_ttft(rank: int) -> None:
     adapter = AdapterSpec(f"r{rank}", rank)
-    core, clock = build_sim_engine("A40", "llama-7b", scheduler="fifo", adapter_cache="slora", adapters=[adapter])
+    core, clock = build_sim_engine("A40", "llama-7b", sim_config(adapter_cache="slora"), adapters=[adapter])
     workload = Workload([WorkloadRequest("q", 1.0, 512, 4, adapter.name)], [adapter])
     (record,) = run_workload(core, workload, clock)
     assert record.ttft_s == pytest.approx(PAPER_TTFT_BY_RANK_S[rank], rel=0.15)
@@ -182,9 +201,7 @@ def test_engine_reproduces_the_papers_unloaded_ttft(rank: int) -> None:
 
 def _run(seed: int, cache: str = "slora") -> list:
     w = slora_workload(num_adapters=20, alpha=0.5, rate=4, cv=2, duration_s=20, seed=seed)
-    core, clock = build_sim_engine(
-        "A40", "llama-7b", scheduler="fifo", adapter_cache=cache, adapters=w.adapters, seed=seed
-    )
+    core, clock = build_sim_engine("A40", "llama-7b", sim_config(adapter_cache=cache, seed=seed), adapters=w.adapters)
     return run_workload(core, w, clock)
 
 
@@ -199,7 +216,7 @@ def test_run_workload_jumps_idle_time_and_records_every_token() -> None:
     w = Workload(
         [WorkloadRequest("a", 0.5, 32, 3, None), WorkloadRequest("b", 100.0, 32, 2, None)], [], "two far apart"
     )
-    core, clock = build_sim_engine("A40", "llama-7b")
+    core, clock = build_sim_engine("A40", "llama-7b", sim_config())
     a, b = run_workload(core, w, clock)
     assert (a.arrival_s, b.arrival_s) == (0.5, 100.0)
     assert a.first_scheduled_s == 0.5 and b.first_scheduled_s == 100.0  # idle engine: admitted on arrival
@@ -209,7 +226,7 @@ def test_run_workload_jumps_idle_time_and_records_every_token() -> None:
 
 def test_requests_the_engine_refuses_count_as_unserved() -> None:
     w = Workload([WorkloadRequest("ok", 0.0, 16, 2, None), WorkloadRequest("long", 0.1, 5000, 2, None)], [])
-    core, clock = build_sim_engine("A40", "llama-7b")  # Llama-1 context: 2048 tokens
+    core, clock = build_sim_engine("A40", "llama-7b", sim_config())  # Llama-1 context: 2048 tokens
     ok, long = run_workload(core, w, clock)
     assert ok.finished and long.finish_reason == "abort" and math.isinf(long.ttft_s)
 
@@ -224,7 +241,7 @@ def test_a_stalled_engine_aborts_what_is_left() -> None:
         decode_e_s_per_ctx_token=0.0,
         engine=ProfileEngine(2, 16, 1024, 64, 64, 512, 100, 8, 512),
     )
-    core, clock = build_sim_engine(None, None, profile=profile)
+    core, clock = build_sim_engine(None, None, sim_config(profile), profile=profile)
     w = Workload([WorkloadRequest("fits", 0.0, 10, 3, None), WorkloadRequest("never", 0.1, 100, 3, None)], [])
     fits, never = run_workload(core, w, clock)
     assert fits.finished and never.finish_reason == "abort" and never.first_token_s is None
@@ -263,7 +280,7 @@ def test_run_workload_sleeps_on_a_real_clock() -> None:
     from chameleon.engine.core import CoreLimits, EngineCore
 
     ex = SimulatedExecutor.from_profile(profile, clock)  # type: ignore[arg-type]
-    core = EngineCore(ex, CoreLimits(512, 100, 8, 512), scheduler="fifo", adapter_cache="lru", clock=clock)
+    core = EngineCore(ex, sim_config(max_num_seqs=8, max_num_batched_tokens=512), CoreLimits(512, 100), clock=clock)
     w = Workload([WorkloadRequest("a", 0.0, 8, 2, None), WorkloadRequest("b", 2.0, 8, 2, None)], [])
     a, b = run_workload(core, w, clock, sleep=clock.sleep)
     assert 1.9 < clock.slept < 2.0  # slept until just before b's arrival, then spun
@@ -286,7 +303,7 @@ def test_step_time_variability_is_seeded() -> None:
     )
 
     def run(profile: CostProfile, seed: int) -> list:
-        core, clock = build_sim_engine(None, None, profile=profile, seed=seed)
+        core, clock = build_sim_engine(None, None, sim_config(profile, seed=seed), profile=profile)
         return run_workload(core, w, clock)
 
     assert run(spread, 0) == run(spread, 0)
@@ -306,9 +323,7 @@ def test_policy_table() -> None:
 def test_ten_minutes_at_10_rps_simulate_in_seconds() -> None:
     workload = trace_workload("conv", rate=10, duration_s=600, seed=0)
     assert len(workload) == 6000
-    core, clock = build_sim_engine(
-        "A40", "llama-7b", scheduler="fifo", adapter_cache="slora", adapters=workload.adapters
-    )
+    core, clock = build_sim_engine("A40", "llama-7b", sim_config(adapter_cache="slora"), adapters=workload.adapters)
     start = time.perf_counter()
     records = run_workload(core, workload, clock)
     wall = time.perf_counter() - start

@@ -98,7 +98,9 @@ def _compare(model: Path, profile_path: Path, tag: str) -> tuple[RunSummary, Run
     sim = []
     for w in workloads:
         for seed in range(SIM_SEEDS):
-            sim_core, clock = build_sim_engine(None, None, profile=profile, seed=seed)
+            sim_core, clock = build_sim_engine(
+                None, None, _sim_config(profile, seed), profile=profile
+            )
             sim += run_workload(sim_core, w, clock)
     return _summary(real), _summary(sim), rate
 
@@ -166,3 +168,16 @@ def test_calibrate_cli_writes_a_profile_the_bench_accepts(tiny_llama: Path, tmp_
     assert run_bench(bench.parse_args(argv)) == 0
     real = json.loads(out.read_text())
     assert real["simulated"] is False and real["results"]["slora"]["30"]["num_finished"] == 15
+
+
+def _sim_config(profile: CostProfile, seed: int) -> EngineConfig:
+    """FIFO over an LRU cache with the profiled engine's limits (what this check always ran)."""
+    e = profile.engine
+    assert e is not None
+    return EngineConfig(
+        scheduler="fifo",
+        adapter_cache="lru",
+        seed=seed,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+    )

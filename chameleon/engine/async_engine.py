@@ -154,7 +154,7 @@ class AsyncEngine:
         self._streams[request_id] = send
         if adapter is not None:
             self._adapter_users.setdefault(adapter, set()).add(request_id)
-        self._adds.append((request_id, prompt_ids, sampling, adapter, self.core.clock.now()))
+        self._adds.append((request_id, prompt_ids, sampling, adapter, self.core.now()))
         self._poke()
         return RequestStream(self, request_id, receive)
 
@@ -173,8 +173,8 @@ class AsyncEngine:
         self._check_running()
         if name in self._adapters:
             raise AdapterExistsError(f"an adapter named {name!r} is already registered")
-        adapter = await anyio.to_thread.run_sync(self.core.executor.read_adapter, name, str(path))
-        info: AdapterInfo = await self._between_steps(lambda: self.core.register_adapter(adapter))
+        adapter = await anyio.to_thread.run_sync(self.core.read_adapter, name, str(path))
+        info: AdapterInfo = await self._between_steps(lambda: self.core.register_adapter(name, adapter))
         self._adapters[name] = info
         return info
 
@@ -301,18 +301,14 @@ class AsyncEngine:
         send = self._streams.pop(request_id, None)
         self._forget_user(request_id)
         if send is not None:
-            now = self.core.clock.now()
+            now = self.core.now()
             metrics = RequestMetrics(arrival_time=now, finish_time=now)
             send.send_nowait(RequestOutput(request_id, "", (), "", True, "abort", metrics, error=str(exc)))
             send.close()
 
     def _abort_all(self, error: str | None = None) -> list[RequestOutput]:
-        outputs = []
-        for request_id in list(self.core.requests):
-            out = self.core.abort(request_id)
-            if out is not None:
-                outputs.append(out if error is None else _with_error(out, error))
-        return outputs
+        outputs = self.core.abort_all()
+        return outputs if error is None else [_with_error(out, error) for out in outputs]
 
     def _deliver(self, out: RequestOutput) -> None:
         send = self._streams.get(out.request_id)

@@ -7,14 +7,14 @@ the async front end, the simulator and deterministic tests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol
 
 import attrs
-import torch
 
 from chameleon.clock import Clock, MonotonicClock
-from chameleon.engine.detokenizer import IncrementalDetokenizer
+from chameleon.config import EngineConfig
 from chameleon.engine.stats import EngineStats
 from chameleon.errors import (
     AdapterExistsError,
@@ -23,51 +23,62 @@ from chameleon.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from chameleon.executor.base import Executor
-from chameleon.memory.adapter_cache import AdapterCache, CachePolicyName
+from chameleon.executor.base import AdapterT, Executor, SequenceInput, StepInput
+from chameleon.memory.adapter_cache import AdapterCache
 from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
 from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.outputs import AdapterInfo, FinishReason, RequestOutput
 from chameleon.sampling_params import SamplingParams
-from chameleon.sched import SchedulerOptions, make_policy
+from chameleon.sched import make_policy
 from chameleon.sched.request import Request
-from chameleon.sched.scheduler import Scheduler, SchedulerOutput
+from chameleon.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
 
 @attrs.frozen
 class CoreLimits:
-    """What a request must satisfy to be accepted; derived from the model and the config."""
+    """What the model imposes on a request (the config's limits come with `EngineConfig`)."""
 
     max_model_len: int
     vocab_size: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
     eos_token_ids: tuple[int, ...] = ()
 
 
-class EngineCore:
+class Detokenizer(Protocol):
+    """What the core needs of a detokenizer (`engine.detokenizer.IncrementalDetokenizer`)."""
+
+    text: str
+
+    def add_tokens(self, token_ids: Sequence[int]) -> Any: ...
+
+    def finish(self) -> str: ...
+
+
+class EngineCore(Generic[AdapterT]):
+    """One iteration per `step()`: schedule, move KV and adapters, execute, emit outputs.
+
+    `config` is passed whole (scheduler, cache policy, limits, prefetch, seed); `limits` are what
+    the model imposes. `tokenizer` (optional) turns token ids into text deltas and stop strings;
+    without one, outputs carry ids only (the simulator). `clock` is injected.
+    """
+
     def __init__(
         self,
-        executor: Executor,
+        executor: Executor[AdapterT],
+        config: EngineConfig,
         limits: CoreLimits,
         *,
-        scheduler: str = "fifo",
-        scheduler_options: SchedulerOptions | None = None,
-        adapter_cache: CachePolicyName = "chameleon",
         memory: MemoryBudget | None = None,
-        prefetch_depth: int = 8,
-        arrival_predictor: ArrivalPredictor | None = None,
         tokenizer: Any | None = None,
         clock: Clock | None = None,
-        seed: int = 0,
     ) -> None:
-        self.executor = executor
+        self._executor = executor
+        self.config = config
         self.limits = limits
         self.tokenizer = tokenizer
-        self.clock = clock or MonotonicClock()
+        self._clock = clock or MonotonicClock()
         # Without an explicit budget, the memory is exactly the KV cache: adapters get what KV idles.
         self.memory = memory or MemoryBudget(
             total_bytes=executor.num_kv_blocks * executor.kv_block_bytes,
@@ -76,22 +87,57 @@ class EngineCore:
             adapter_row_bytes=executor.adapter_row_bytes,
         )
         self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size, self.memory)
-        self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, adapter_cache)
-        self.arrival_predictor = arrival_predictor
+        self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, config.adapter_cache)
+        self.arrival_predictor = ArrivalPredictor() if config.adapter_arrival_prefetch else None
         self.adapter_load_critical_s = 0.0  # time the iteration waited for adapter copies
         self.adapters: dict[str, AdapterInfo] = {}
         self.scheduler = Scheduler(
-            make_policy(scheduler, scheduler_options),
+            make_policy(config.scheduler, config.scheduler_options),
             self.blocks,
             self.adapter_cache,
-            max_num_seqs=limits.max_num_seqs,
-            max_num_batched_tokens=limits.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=limits.max_model_len,
-            prefetch_depth=prefetch_depth,
+            prefetch_depth=config.adapter_prefetch_depth,
         )
         self.requests: dict[str, Request] = {}
-        self._seed_rng = torch.Generator().manual_seed(seed)
+        self._detokenizers: dict[str, Detokenizer] = {}
+        self._gone: list[str] = []  # finished since the last execute: the executor drops their state
+        self._seed_rng = random.Random(config.seed)
         self._num_finished = 0
+        self._step_observer: Callable[[StepInput], None] | None = None
+
+    # --- public views (the front end and the harness use these, not the internals) -------------
+
+    @property
+    def executor(self) -> Executor[AdapterT]:
+        return self._executor
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    def request_ids(self) -> list[str]:
+        """Ids of the unfinished requests, in arrival order."""
+        return list(self.requests)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def read_adapter(self, name: str, path: str) -> AdapterT:
+        """Validate and read an adapter into host memory; safe in a worker thread (no core state)."""
+        return self._executor.read_adapter(name, path)
+
+    def observe_steps(self, observer: Callable[[StepInput], None] | None) -> None:
+        """Call `observer` with every step's input before it executes (profiling; None: stop)."""
+        self._step_observer = observer
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every unfinished request (shutdown); their final outputs."""
+        return [out for rid in self.request_ids() if (out := self.abort(rid)) is not None]
 
     # --- intake ---------------------------------------------------------------------------
 
@@ -112,15 +158,10 @@ class EngineCore:
             sampling=sampling,
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
             adapter=adapter,
-            generator=self._generator(sampling),
+            seed=self._seed(sampling),
         )
         if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(  # type: ignore[call-arg, arg-type]  # attrs: custom __init__
-                self.tokenizer,
-                prompt,
-                stop=sampling.stop,
-                include_stop_str_in_output=sampling.include_stop_str_in_output,
-            )
+            self._detokenizers[request_id] = self._new_detokenizer(prompt, sampling)
         self.requests[request_id] = request
         self.scheduler.add(request, request.arrival_time)
         if adapter is not None and self.arrival_predictor is not None:
@@ -151,25 +192,29 @@ class EngineCore:
             )
         return prompt
 
-    def _generator(self, sampling: SamplingParams) -> torch.Generator:
-        # Unseeded requests still get their own stream, derived from the engine seed, so a whole
+    def _seed(self, sampling: SamplingParams) -> int:
+        # Unseeded requests still get their own seed, derived from the engine seed, so a whole
         # run is reproducible and no request's randomness depends on its batch neighbours.
-        seed = sampling.seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng).item())
-        return torch.Generator().manual_seed(seed)
+        return sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(62)
+
+    def _new_detokenizer(self, prompt: list[int], sampling: SamplingParams) -> Detokenizer:
+        from chameleon.engine.detokenizer import IncrementalDetokenizer  # transformers: only with a tokenizer
+
+        return IncrementalDetokenizer(  # type: ignore[call-arg, arg-type, no-any-return]  # attrs: custom __init__
+            self.tokenizer, prompt, stop=sampling.stop, include_stop_str_in_output=sampling.include_stop_str_in_output
+        )
 
     # --- adapters -------------------------------------------------------------------------------
 
     def add_adapter(self, name: str, path: str) -> AdapterInfo:
         """Validate and load a PEFT adapter into host memory (see `register_adapter`)."""
         self._check_new_adapter(name)
-        return self.register_adapter(self.executor.read_adapter(name, path))
+        return self.register_adapter(name, self._executor.read_adapter(name, path))
 
-    def register_adapter(self, adapter: Any) -> AdapterInfo:
-        """Register an adapter the executor has read (`executor.read_adapter`, safe off-thread)."""
-        self._check_new_adapter(adapter.name)
-        info = self.executor.register_adapter(adapter)
+    def register_adapter(self, name: str, adapter: AdapterT) -> AdapterInfo:
+        """Register an adapter `read_adapter` returned (reading is safe off-thread; this is not)."""
+        self._check_new_adapter(name)
+        info = self._executor.register_adapter(adapter)
         self.adapter_cache.register(info.name, info.max_rank)
         self.adapters[info.name] = info
         return info
@@ -185,7 +230,7 @@ class EngineCore:
         if name in self.adapters and users:
             raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} unfinished requests, e.g. {users[0]!r}")
         self.adapter_cache.unregister(name)  # raises AdapterNotFoundError for unknown names
-        self.executor.unregister_adapter(name)
+        self._executor.unregister_adapter(name)
         del self.adapters[name]
 
     def pin_adapter(self, name: str, pinned: bool = True) -> None:
@@ -214,47 +259,54 @@ class EngineCore:
             self._move_adapters(batch)
             if not batch:
                 return []
-            sampled = self.executor.execute(batch)
+            step = self._step_input(batch)
+            if self._step_observer is not None:
+                self._step_observer(step)
+            sampled = self._executor.execute(step)
         except Exception as exc:  # a bad batch must not take the engine down: fail just this batch
             log.exception("iteration failed; aborting the %d requests in it", len(batch.scheduled))
             message = f"{type(exc).__name__}: {exc}"
             outputs = [self._finish(s.request, "abort", "", (), error=message) for s in batch.scheduled]
             for load in (*batch.adapter_loads, *batch.adapter_prefetches):  # copies may not have happened
                 self.adapter_cache.drop(load.name)
-                self.executor.evict_adapter(load.name)
+                self._executor.evict_adapter(load.name)
             return outputs
         self.scheduler.iteration_done(batch.scheduled, self.clock.now() - now, self.clock.now())
         return self._process(batch, sampled)
 
+    def _step_input(self, batch: SchedulerOutput) -> StepInput:
+        sequences = tuple(sequence_input(s) for s in batch.scheduled)
+        gone, self._gone = tuple(self._gone), []
+        return StepInput(sequences, gone)
+
     def _move_kv(self, batch: SchedulerOutput) -> None:
         for swap in batch.swap_out:  # first: the blocks may belong to someone else this iteration
-            self.executor.swap_out(swap.request_id, swap.block_ids)
+            self._executor.swap_out(swap.request_id, swap.block_ids)
         for request_id in batch.swap_drop:
-            self.executor.drop_swapped(request_id)
+            self._executor.drop_swapped(request_id)
         for swap in batch.swap_in:
-            self.executor.swap_in(swap.request_id, swap.block_ids)
+            self._executor.swap_in(swap.request_id, swap.block_ids)
 
     def _move_adapters(self, batch: SchedulerOutput) -> None:
         for name in batch.adapter_evictions:
-            self.executor.evict_adapter(name)
+            self._executor.evict_adapter(name)
         start = self.clock.now()
         for load in batch.adapter_loads:  # on the critical path: this batch needs them
-            self.executor.load_adapter(load.name, load.row)
+            self._executor.load_adapter(load.name, load.row)
         self.adapter_load_critical_s += self.clock.now() - start
         for load in batch.adapter_prefetches:  # overlapped with this batch
-            self.executor.prefetch_adapter(load.name, load.row)
+            self._executor.prefetch_adapter(load.name, load.row)
 
-    def _process(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
+    def _process(self, batch: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
         now = self.clock.now()
         outputs = []
-        tokens = iter(sampled)
         for item in batch.scheduled:
             request = item.request
             samples = item.samples
             request.num_computed_tokens += item.num_new_tokens
             if not samples:
                 continue
-            token = next(tokens)
+            token = sampled[request.request_id]
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
@@ -264,8 +316,9 @@ class EngineCore:
     def _emit(self, request: Request, token: int) -> RequestOutput:
         reason = self._stop_reason(request, token)
         delta = ""
-        if request.detokenizer is not None:
-            update = request.detokenizer.add_tokens([token])
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is not None:
+            update = detokenizer.add_tokens([token])
             delta = update.delta
             if update.stop_hit is not None:
                 return self._finish(request, "stop", delta, (token,), flush=False)
@@ -275,7 +328,7 @@ class EngineCore:
             request_id=request.request_id,
             delta=delta,
             token_ids=(token,),
-            text=request.detokenizer.text if request.detokenizer else "",
+            text=detokenizer.text if detokenizer is not None else "",
             finished=False,
             finish_reason=None,
             metrics=request.metrics(),
@@ -304,14 +357,16 @@ class EngineCore:
         request.finish_reason = reason
         request.finish_time = now
         del self.requests[request.request_id]
+        self._gone.append(request.request_id)
         self._num_finished += 1
-        if request.detokenizer is not None and flush:
-            delta += request.detokenizer.finish()
+        detokenizer = self._detokenizers.pop(request.request_id, None)
+        if detokenizer is not None and flush:
+            delta += detokenizer.finish()
         return RequestOutput(
             request_id=request.request_id,
             delta=delta,
             token_ids=new_ids,
-            text=request.detokenizer.text if request.detokenizer else "",
+            text=detokenizer.text if detokenizer is not None else "",
             finished=True,
             finish_reason=reason,
             metrics=request.metrics(),
@@ -350,4 +405,30 @@ class EngineCore:
         )
 
 
-__all__ = ["CoreLimits", "EngineCore", "EngineStats"]
+def sequence_input(item: ScheduledRequest) -> SequenceInput:
+    """The executor's view of one scheduled request (no mutable scheduler state)."""
+    r, n = item.request, item.num_new_tokens
+    start = r.num_computed_tokens
+    return SequenceInput(
+        request_id=r.request_id,
+        token_ids=_token_range(r.prompt_token_ids, r.output_token_ids, start, start + n),
+        start_pos=start,
+        num_prompt_tokens=len(r.prompt_token_ids),
+        block_table=r.block_table,
+        adapter=r.adapter,
+        sampling=r.sampling if start + n == r.num_tokens else None,
+        seed=r.seed,
+    )
+
+
+def _token_range(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
+    """`(prompt + output)[start:stop]` without concatenating the whole sequence every step."""
+    n = len(prompt)
+    if start >= n:
+        return output[start - n : stop - n]
+    if stop <= n:
+        return prompt[start:stop]
+    return prompt[start:] + output[: stop - n]
+
+
+__all__ = ["CoreLimits", "EngineCore", "EngineStats", "sequence_input"]

@@ -21,7 +21,6 @@ from chameleon.executor.torch_executor import (
     resolve_dtype,
     resolve_lora_backend,
 )
-from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
 from chameleon.model.loader import load_hf_config, load_model
 from chameleon.model.spec import ModelSpec, model_spec_from_config
@@ -122,23 +121,5 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
     eos = set(spec.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    limits = CoreLimits(
-        max_model_len=max_len,
-        vocab_size=spec.vocab_size,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        eos_token_ids=tuple(sorted(eos)),
-    )
-    return EngineCore(
-        executor,
-        limits,
-        scheduler=config.scheduler,
-        scheduler_options=config.scheduler_options,
-        adapter_cache=config.adapter_cache,
-        memory=memory,
-        prefetch_depth=config.adapter_prefetch_depth,
-        arrival_predictor=ArrivalPredictor() if config.adapter_arrival_prefetch else None,
-        tokenizer=tokenizer,
-        clock=clock,
-        seed=config.seed,
-    )
+    limits = CoreLimits(max_model_len=max_len, vocab_size=spec.vocab_size, eos_token_ids=tuple(sorted(eos)))
+    return EngineCore(executor, config, limits, memory=memory, tokenizer=tokenizer, clock=clock)

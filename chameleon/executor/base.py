@@ -1,14 +1,57 @@
-"""The interface between the engine core and whatever runs a batch."""
+"""The contract between the engine core and whatever runs a batch (the model, or a cost model).
+
+The executor never sees the scheduler's mutable `Request`: each step it gets one `SequenceInput`
+per scheduled sequence (the tokens to compute, their positions' start, the block table, the
+adapter, and sampling parameters when the step samples), as vLLM's `NewRequestData` does, and
+returns the sampled tokens keyed by request id. Per-request state an executor keeps (a seeded
+generator) is dropped when the request's id appears in `StepInput.finished`. The step values are
+NamedTuples: they are built for every sequence every iteration, where attrs' frozen init costs.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from chameleon.outputs import AdapterInfo
-from chameleon.sched.scheduler import SchedulerOutput
+from chameleon.sampling_params import SamplingParams
+
+AdapterT = TypeVar("AdapterT")
 
 
-class Executor(Protocol):
+class SequenceInput(NamedTuple):
+    """What one sequence computes this step."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens computed this step (a prefill chunk, or the last token)
+    start_pos: int  # position of token_ids[0]; also the tokens already in the KV cache
+    num_prompt_tokens: int
+    block_table: list[int]  # the request's KV blocks (read only)
+    adapter: str | None
+    sampling: SamplingParams | None  # set when this step ends at the sequence's last token
+    seed: int  # the request's sampling seed (stable across preemptions)
+
+    @property
+    def samples(self) -> bool:
+        return self.sampling is not None
+
+    @property
+    def decoding(self) -> bool:
+        """One new token after the whole prompt: a decode step (else a prefill or re-prefill)."""
+        return len(self.token_ids) == 1 and self.start_pos >= self.num_prompt_tokens
+
+
+class StepInput(NamedTuple):
+    sequences: tuple[SequenceInput, ...]
+    finished: tuple[str, ...] = ()  # requests gone since the previous step: drop their state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+
+class Executor(Protocol[AdapterT]):
+    """Runs iterations and moves memory; generic in the adapter value its `read_adapter` returns."""
+
     @property
     def num_kv_blocks(self) -> int: ...
 
@@ -30,14 +73,14 @@ class Executor(Protocol):
         """Device bytes of one rank row of an adapter across all layers and target modules."""
         ...
 
-    def read_adapter(self, name: str, path: str) -> Any:
+    def read_adapter(self, name: str, path: str) -> AdapterT:
         """Validate an adapter against the model and read it into host memory.
 
         Touches no shared state, so the async front end runs it in a worker thread.
         """
         ...
 
-    def register_adapter(self, adapter: Any) -> AdapterInfo: ...
+    def register_adapter(self, adapter: AdapterT) -> AdapterInfo: ...
 
     def unregister_adapter(self, name: str) -> None: ...
 
@@ -66,6 +109,6 @@ class Executor(Protocol):
         """Forget a host copy that will never be swapped in (the request was aborted)."""
         ...
 
-    def execute(self, batch: SchedulerOutput) -> list[int]:
-        """Run one iteration; return one sampled token per scheduled request that samples, in order."""
+    def execute(self, step: StepInput) -> dict[str, int]:
+        """Run one iteration; return the token sampled for each sequence that samples, by request id."""
         ...

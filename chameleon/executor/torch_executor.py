@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
+from chameleon.executor.base import SequenceInput, StepInput
 from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
@@ -20,7 +21,6 @@ from chameleon.model.attention import build_attention_metadata
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
 from chameleon.outputs import AdapterInfo
-from chameleon.sched.scheduler import SchedulerOutput
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -60,6 +60,7 @@ class TorchExecutor:
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: dict[str, Future[None]] = {}
         self._swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # request -> per layer K, V
+        self._generators: dict[str, torch.Generator] = {}  # request -> its sampling stream
         self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
         slots = num_kv_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
@@ -192,28 +193,30 @@ class TorchExecutor:
 
     # --- the iteration ----------------------------------------------------------------------------
 
-    def execute(self, batch: SchedulerOutput) -> list[int]:
+    def execute(self, step: StepInput) -> dict[str, int]:
+        for request_id in step.finished:
+            self._generators.pop(request_id, None)
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
-        samplers, adapters = [], []
+        samplers: list[SequenceInput] = []
+        adapters = []
         # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
-        items = sorted(batch.scheduled, key=lambda s: self._adapter_order(s.request.adapter))
+        items = sorted(step.sequences, key=lambda s: self._adapter_order(s.adapter))
         if self._pending:
-            for name in {s.request.adapter for s in items} & self._pending.keys():
+            for name in {s.adapter for s in items} & self._pending.keys():
                 self._pending.pop(name).result()  # a prefetched adapter this batch needs must be complete
-        for item in items:
-            req, n = item.request, item.num_new_tokens
-            start = req.num_computed_tokens
-            token_ids.extend(_token_range(req.prompt_token_ids, req.output_token_ids, start, start + n))
+        for seq in items:
+            n, start = len(seq.token_ids), seq.start_pos
+            token_ids.extend(seq.token_ids)
             positions.extend(range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
-            tables.append(req.block_table)
-            adapters.append(req.adapter)
-            if item.samples:
+            tables.append(seq.block_table)
+            adapters.append(seq.adapter)
+            if seq.sampling is not None:
                 sample_rows.append(len(token_ids) - 1)
-                samplers.append(req)
+                samplers.append(seq)
         dev = self.device
         meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev)
         hidden = self.model(
@@ -225,32 +228,26 @@ class TorchExecutor:
             self.lora_pool.batch(adapters, query_lens, self.lora_backend),
         )
         if not samplers:
-            return []
+            return {}
         tokens = sample_from_hidden(
             hidden,
-            [r.sampling for r in samplers],
-            [r.generator for r in samplers],
+            [s.sampling for s in samplers],  # type: ignore[misc]  # set for every sampler
+            [self._generator(s) for s in samplers],
             logits=self.model.logits,
             greedy=self.model.greedy_tokens,
         )
-        if all(a is b for a, b in zip(items, batch.scheduled)):
-            return tokens
-        # Back to the scheduler's order, which is what the core expects.
-        by_request = dict(zip((r.request_id for r in samplers), tokens, strict=True))
-        return [by_request[s.request.request_id] for s in batch.scheduled if s.samples]
+        return dict(zip((s.request_id for s in samplers), tokens, strict=True))
+
+    def _generator(self, seq: SequenceInput) -> torch.Generator:
+        """The request's own generator: its samples do not depend on its batch neighbours, and a
+        preempted request resumes the same random stream."""
+        gen = self._generators.get(seq.request_id)
+        if gen is None:
+            gen = self._generators[seq.request_id] = torch.Generator().manual_seed(seq.seed)
+        return gen
 
     def _adapter_order(self, name: str | None) -> int:
         return -1 if name is None else self.lora_pool.resident[name][0]
-
-
-def _token_range(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
-    """`(prompt + output)[start:stop]` without concatenating the whole sequence every step."""
-    n = len(prompt)
-    if start >= n:
-        return output[start - n : stop - n]
-    if stop <= n:
-        return prompt[start:stop]
-    return prompt[start:] + output[: stop - n]
 
 
 def base_model_spec(spec: ModelSpec, dtype: torch.dtype) -> BaseModelSpec:

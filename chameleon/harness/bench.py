@@ -38,6 +38,7 @@ from typing import Any
 import attrs
 
 from chameleon.clock import Clock, MonotonicClock
+from chameleon.config import EngineConfig
 from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
 from chameleon.harness.driver import POLICIES, run_workload, warm_up
@@ -234,14 +235,26 @@ def scheduler_options(args: argparse.Namespace) -> SchedulerOptions:
     )
 
 
+def engine_config(args: argparse.Namespace, scheduler: str, cache: str, **fields: Any) -> EngineConfig:
+    """The `EngineConfig` of one benchmark run: a policy pair plus the command line's limits."""
+    limits = {
+        k: v
+        for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens))
+        if v
+    }
+    return EngineConfig(
+        scheduler=scheduler,  # type: ignore[arg-type]
+        adapter_cache=cache,  # type: ignore[arg-type]
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        scheduler_options=scheduler_options(args),
+        **limits,
+        **fields,
+    )
+
+
 def sim_factory(args: argparse.Namespace) -> EngineFactory:
     profile = CostProfile.from_json(args.profile) if args.profile else None
-    common = dict(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
-        core_options={"scheduler_options": scheduler_options(args)},
-    )
     if profile is not None:
         assert profile.engine is not None
         max_len = args.max_model_len or profile.engine.max_model_len
@@ -263,15 +276,20 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
         }
 
     def build(scheduler: str, cache: str, workload: Workload) -> tuple[EngineCore, Clock, Workload]:
+        config = engine_config(args, scheduler, cache)
+        if profile is not None and profile.engine is not None:  # the profiled engine's limits by default
+            e = profile.engine
+            config = attrs.evolve(
+                config,
+                max_num_seqs=args.max_num_seqs or e.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens or e.max_num_batched_tokens,
+            )
         core, clock = build_sim_engine(
             None if profile else args.gpu,
             None if profile else (args.model or "llama-7b"),
-            scheduler=scheduler,
-            adapter_cache=cache,
+            config,
             adapters=workload.adapters,
             profile=profile,
-            max_model_len=args.max_model_len,
-            **common,  # type: ignore[arg-type]
         )
         return core, clock, workload
 
@@ -279,7 +297,6 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
 
 
 def real_factory(args: argparse.Namespace) -> EngineFactory:
-    from chameleon.config import EngineConfig
     from chameleon.engine.factory import build_core
     from chameleon.lora.peft_config import read_adapter_config
 
@@ -296,21 +313,7 @@ def real_factory(args: argparse.Namespace) -> EngineFactory:
     max_rank = max([64] + [a.rank for a, _ in real_adapters])
 
     def config(scheduler: str, cache: str) -> EngineConfig:
-        extra = {
-            k: v
-            for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens))
-            if v
-        }
-        return EngineConfig(
-            scheduler=scheduler,  # type: ignore[arg-type]
-            adapter_cache=cache,  # type: ignore[arg-type]
-            max_model_len=args.max_model_len,
-            max_lora_rank=max_rank,
-            num_threads=args.num_threads,
-            seed=args.seed,
-            scheduler_options=scheduler_options(args),
-            **extra,
-        )
+        return engine_config(args, scheduler, cache, max_lora_rank=max_rank, num_threads=args.num_threads)
 
     def build(scheduler: str, cache: str, workload: Workload) -> tuple[EngineCore, Clock, Workload]:
         if workload.adapters and not real_adapters:

@@ -66,11 +66,11 @@ import numpy as np
 from chameleon.clock import MonotonicClock
 from chameleon.config import EngineConfig
 from chameleon.engine.core import EngineCore
+from chameleon.executor.base import StepInput
 from chameleon.harness.driver import PROMPT_TOKEN_ID, run_workload, warm_up
 from chameleon.harness.workload import Workload, WorkloadRequest
 from chameleon.outputs import RequestOutput
 from chameleon.sampling_params import SamplingParams
-from chameleon.sched.scheduler import SchedulerOutput
 from chameleon.sim.executor import batch_shape
 from chameleon.sim.profile import CostProfile, ProfileEngine, fit_nonnegative
 from chameleon.sim.shape import BatchShape
@@ -106,47 +106,35 @@ class StepSample:
         return self.step_s + self.driver_s
 
 
-class _ShapeTap:
-    """Wraps an executor: remembers the shape of the batch it last executed."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.last: BatchShape | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def execute(self, batch: SchedulerOutput) -> list[int]:
-        self.last = batch_shape(batch, {})  # LoRA is measured separately: ranks do not matter here
-        return self._inner.execute(batch)
-
-
 class _LoggedCore:
     """What `run_workload` needs of a core, with every step that ran a batch logged."""
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self.tap = _ShapeTap(core.executor)
-        core.executor = self.tap  # type: ignore[assignment]
+        self.last: BatchShape | None = None  # the shape of the batch the last step executed
+        core.observe_steps(self._observe)
         self.samples: list[StepSample] = []
         self._last_end: float | None = None  # None: the engine was idle after the previous step
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.core, name)
 
+    def _observe(self, step: StepInput) -> None:
+        self.last = batch_shape(step, {})  # LoRA is measured separately: ranks do not matter here
+
     def step(self) -> list[RequestOutput]:
-        self.tap.last = None
+        self.last = None
         start = time.perf_counter()
         outputs = self.core.step()
         end = time.perf_counter()
-        if self.tap.last is not None:
+        if self.last is not None:
             driver = 0.0 if self._last_end is None else start - self._last_end
-            self.samples.append(StepSample(self.tap.last, end - start, driver))
+            self.samples.append(StepSample(self.last, end - start, driver))
         self._last_end = end if self.core.has_unfinished_requests() else None
         return outputs
 
     def detach(self) -> None:
-        self.core.executor = self.tap._inner
+        self.core.observe_steps(None)
 
 
 def _calibration_workload(
@@ -242,7 +230,7 @@ def calibrate(
     core = build_core(model_dir, config, clock=MonotonicClock())
     warm_up(core)
     limits = core.limits
-    plen = max_prompt_len or min(512, limits.max_model_len // 2, limits.max_num_batched_tokens)
+    plen = max_prompt_len or min(512, limits.max_model_len // 2, config.max_num_batched_tokens)
     outs = (output_range[0], min(output_range[1], limits.max_model_len - plen - 1))
     rng = np.random.default_rng(seed)
     logged = _LoggedCore(core)
@@ -273,8 +261,8 @@ def calibrate(
         adapter_pool_rows=ex.adapter_pool_rows,
         max_model_len=limits.max_model_len,
         vocab_size=limits.vocab_size,
-        max_num_seqs=limits.max_num_seqs,
-        max_num_batched_tokens=limits.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
     )
     abs_res = sorted(abs(r) for r in residuals)
     meta = {
@@ -329,7 +317,7 @@ class _Prober:
         rid = f"__calibrate_{self._n}__"
         self.core.add_request(rid, [PROMPT_TOKEN_ID] * tokens, _greedy(1), adapter=adapter)
         elapsed = _timed(self.core.step)
-        while rid in self.core.requests:
+        while self.core.has_request(rid):
             self.core.step()
         return elapsed
 

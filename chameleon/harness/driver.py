@@ -212,7 +212,7 @@ def _wait_until(clock: Clock, t: float, manual: bool, sleep: Callable[[float], N
 
 
 def _abort_all(core: EngineCore, rec: _Recorder, now: float) -> None:
-    for request_id in list(core.requests):
+    for request_id in core.request_ids():
         out = core.abort(request_id)
         if out is not None:
             rec.output(out, now)
@@ -230,7 +230,7 @@ def warm_up(core: EngineCore, *, prompt_len: int = 16, max_tokens: int = 4, free
     """
     request_id = "__warm_up__"
     core.add_request(request_id, [PROMPT_TOKEN_ID] * prompt_len, _sampling(max_tokens))
-    while request_id in core.requests:
+    while core.has_request(request_id):
         core.step()
     if freeze_gc:
         gc.collect()

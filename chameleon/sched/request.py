@@ -5,9 +5,7 @@ from __future__ import annotations
 import enum
 
 import attrs
-import torch
 
-from chameleon.engine.detokenizer import IncrementalDetokenizer
 from chameleon.outputs import FinishReason, RequestMetrics
 from chameleon.sampling_params import SamplingParams
 
@@ -24,7 +22,8 @@ class Request:
 
     The model computes `all_token_ids[num_computed_tokens:]` a chunk at a time; after a preemption
     `num_computed_tokens` drops to 0 and prompt plus output are recomputed, which gives the same
-    tokens because sampling state lives in `generator`, not in the KV cache.
+    tokens because sampling state lives in the executor's generator for `seed`, not in the KV cache.
+    No torch and no detokenizer here: the scheduler and the simulator import this.
     """
 
     request_id: str
@@ -37,8 +36,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = attrs.field(factory=list)  # owned by KVBlockManager
     finish_reason: FinishReason | None = None
-    generator: torch.Generator | None = None
-    detokenizer: IncrementalDetokenizer | None = None
+    seed: int = 0  # sampling seed; the executor keeps the generator (same tokens after a preemption)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -17,8 +17,8 @@ import attrs
 
 from chameleon.clock import ManualClock
 from chameleon.errors import AdapterNotFoundError, AdapterValidationError
+from chameleon.executor.base import StepInput
 from chameleon.outputs import AdapterInfo
-from chameleon.sched.scheduler import SchedulerOutput
 from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, AnalyticCostModel, Calibration
 from chameleon.sim.hardware import DEFAULT_LORA_TARGETS, DEFAULT_RESERVE_FRACTION, GPUSpec, ModelCost
 from chameleon.sim.profile import CostProfile
@@ -226,11 +226,11 @@ class SimulatedExecutor:
         self._prefetch_done.pop(name, None)
         self.resident.pop(name, None)
 
-    def _await_prefetches(self, batch: SchedulerOutput) -> None:
+    def _await_prefetches(self, step: StepInput) -> None:
         # A batch cannot run before its adapters' weights are on the device, even if the engine
         # counted a prefetched adapter as resident without calling `load_adapter`.
         pending = self._prefetch_done
-        done = max((pending.get(s.request.adapter, 0.0) for s in batch.scheduled if s.request.adapter), default=0.0)
+        done = max((pending.get(s.adapter, 0.0) for s in step.sequences if s.adapter), default=0.0)
         wait = max(0.0, done - self.clock.now())
         if wait:
             self.clock.advance(wait)
@@ -264,23 +264,23 @@ class SimulatedExecutor:
 
     # --- the iteration ---------------------------------------------------------------------------------
 
-    def batch_shape(self, batch: SchedulerOutput) -> BatchShape:
-        return batch_shape(batch, self.ranks)
+    def batch_shape(self, step: StepInput) -> BatchShape:
+        return batch_shape(step, self.ranks)
 
-    def execute(self, batch: SchedulerOutput) -> list[int]:
+    def execute(self, step: StepInput) -> dict[str, int]:
         if self._prefetch_done:
-            self._await_prefetches(batch)
-        shape = self.batch_shape(batch)
+            self._await_prefetches(step)
+        shape = self.batch_shape(step)
         dt = self.cost.iteration_s(shape) * self.cost.time_factor(self._rng.random())
         # An iteration always takes some time: the driver tells an iteration from an idle step by it.
         dt = max(dt, _MIN_ITERATION_S)
         self.clock.advance(dt)
         self.stats.iterations += 1
         self.stats.busy_s += dt
-        return [self.token_id] * shape.sampled
+        return {s.request_id: self.token_id for s in step.sequences if s.sampling is not None}
 
 
-def batch_shape(batch: SchedulerOutput, ranks: Mapping[str, int]) -> BatchShape:
+def batch_shape(step: StepInput, ranks: Mapping[str, int]) -> BatchShape:
     """Aggregate a scheduled batch into the numbers its cost depends on (`ranks`: adapter -> rank).
 
     The same sums as `BatchShapeBuilder`, inlined: this runs every iteration over every running
@@ -288,13 +288,12 @@ def batch_shape(batch: SchedulerOutput, ranks: Mapping[str, int]) -> BatchShape:
     """
     seqs = tokens = p_seqs = p_tokens = p_pairs = d_seqs = d_ctx = ctx = pairs = sampled = lora = 0
     adapters: dict[str, int] = {}
-    for item in batch.scheduled:
-        req = item.request
-        n, computed = item.num_new_tokens, req.num_computed_tokens
+    for seq in step.sequences:
+        n, computed = len(seq.token_ids), seq.start_pos
         seqs += 1
         tokens += n
         ctx += computed + n
-        if n == 1 and computed >= len(req.prompt_token_ids):  # decoding
+        if n == 1 and computed >= seq.num_prompt_tokens:  # decoding
             d_seqs += 1
             d_ctx += computed + 1
             pairs += computed + 1
@@ -304,12 +303,12 @@ def batch_shape(batch: SchedulerOutput, ranks: Mapping[str, int]) -> BatchShape:
             chunk_pairs = n * computed + n * (n + 1) // 2
             p_pairs += chunk_pairs
             pairs += chunk_pairs
-        if computed + n == req.num_tokens:  # ScheduledRequest.samples, without the property call
+        if seq.sampling is not None:
             sampled += 1
-        if req.adapter is not None:
-            rank = ranks.get(req.adapter, 0)
+        if seq.adapter is not None:
+            rank = ranks.get(seq.adapter, 0)
             lora += n * rank
-            adapters[req.adapter] = rank
+            adapters[seq.adapter] = rank
     return BatchShape(
         num_seqs=seqs,
         num_tokens=tokens,
