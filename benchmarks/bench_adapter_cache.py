@@ -76,9 +76,9 @@ def run(policy: str, model: Path, adapters: dict[str, Path], work: Workload, ste
         core.step()
         clock.advance(step_s)
     s = core.stats()
-    return {"hit_rate": s.adapter_hit_rate or 0.0, "hits": s.adapter_hits, "misses": s.adapter_misses,
-            "loads": s.adapter_loads, "prefetches": s.adapter_prefetches, "evictions": s.adapter_evictions,
-            "mib_loaded": s.adapter_bytes_loaded / 2**20}
+    return {"hit_rate": s.adapters.hit_rate or 0.0, "hits": s.adapters.hits, "misses": s.adapters.misses,
+            "loads": s.adapters.loads, "prefetches": s.adapters.prefetches, "evictions": s.adapters.evictions,
+            "mib_loaded": s.adapters.bytes_loaded / 2**20}
 
 
 def main() -> None:

@@ -510,7 +510,7 @@ def online(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
             recs, stats = without_steal(f"{policy} {rate} req/s run {rep}", one_run)
             runs[policy].setdefault(rate, []).append(
-                summarize(recs, slo_ttft_s=SLO_TTFT_S, slo_tbt_s=0.15, adapter_hit_rate=stats.adapter_hit_rate))
+                summarize(recs, slo_ttft_s=SLO_TTFT_S, slo_tbt_s=0.15, adapter_hit_rate=stats.adapters.hit_rate))
     report_online(runs, rates, duration, repeats, len(adapters), args)
     return runs
 

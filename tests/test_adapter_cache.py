@@ -180,7 +180,7 @@ def test_kv_pressure_evicts_idle_adapters_never_running_ones_and_they_regrow(
     core.add_request("back", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True), adapter="b16")
     drain(core)
     assert core.adapter_cache.entries["b16"].resident  # regrowth once KV let go
-    assert core.stats().adapter_ref_count == 0 and core.stats().kv_blocks_in_use == 0
+    assert core.stats().adapters.ref_count == 0 and core.stats().kv.blocks_in_use == 0
 
 
 @pytest.mark.parametrize("depth", [8, 0])
@@ -192,9 +192,9 @@ def test_prefetch_turns_a_miss_into_a_hit(tiny_llama: Path, tiny_adapters: dict[
     drain(core)
     stats = core.stats()
     if depth:
-        assert (stats.adapter_hits, stats.adapter_misses, stats.adapter_prefetches) == (1, 1, 1)
+        assert (stats.adapters.hits, stats.adapters.misses, stats.adapters.prefetches) == (1, 1, 1)
     else:
-        assert (stats.adapter_hits, stats.adapter_misses, stats.adapter_prefetches) == (0, 2, 0)
+        assert (stats.adapters.hits, stats.adapters.misses, stats.adapters.prefetches) == (0, 2, 0)
 
 
 def test_prefetched_outputs_equal_unprefetched(tiny_llama: Path, tiny_adapters: dict[str, Path]) -> None:
@@ -242,7 +242,7 @@ def test_adapter_changed_on_disk_fails_its_request_not_the_engine(
     assert out.finish_reason == "abort" and "changed" in (out.error or "")
     core.add_request("y", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), adapter="b16")
     assert drain(core)["y"][-1].finish_reason == "length"
-    assert core.stats().adapter_ref_count == 0
+    assert core.stats().adapters.ref_count == 0
 
 
 # --- property: the budget invariant under random traffic ----------------------------------------
@@ -275,7 +275,7 @@ def test_budget_invariant_and_references_return_to_zero(
         check_invariants(core)
     drain(core)
     stats = core.stats()
-    assert stats.adapter_ref_count == 0 and stats.kv_blocks_in_use == 0 and stats.waiting == 0
+    assert stats.adapters.ref_count == 0 and stats.kv.blocks_in_use == 0 and stats.requests.waiting == 0
     assert all(e.queued == 0 for e in core.adapter_cache.entries.values())
 
 

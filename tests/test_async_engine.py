@@ -32,7 +32,7 @@ async def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> dict[str, int]
     with anyio.fail_after(timeout):
         while True:
             stats = engine.stats()
-            if stats["running"] == 0 and stats["waiting"] == 0:
+            if stats["requests"]["running"] == 0 and stats["requests"]["waiting"] == 0:
                 return stats
             await anyio.sleep(0.01)
 
@@ -49,7 +49,7 @@ async def test_streams_concurrently_and_match_a_solo_run(engine: AsyncEngine, ti
         async with anyio.create_task_group() as tg:
             for i in range(len(prompts)):
                 tg.start_soon(consume, i)
-        assert (await wait_idle(engine))["kv_blocks_in_use"] == 0
+        assert (await wait_idle(engine))["kv"]["blocks_in_use"] == 0
     for outs in results.values():
         assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
         assert outs[-1].finish_reason == "length"
@@ -66,10 +66,10 @@ async def test_streams_concurrently_and_match_a_solo_run(engine: AsyncEngine, ti
 async def test_break_frees_kv_blocks(engine: AsyncEngine) -> None:
     async with engine:
         async for out in engine.generate("Tell me a long story", SamplingParams(max_tokens=200, ignore_eos=True)):
-            assert engine.stats()["kv_blocks_in_use"] > 0
+            assert engine.stats()["kv"]["blocks_in_use"] > 0
             break
         stats = await wait_idle(engine)
-        assert stats["kv_blocks_in_use"] == 0
+        assert stats["kv"]["blocks_in_use"] == 0
         # and the engine keeps serving
         outs = [o async for o in engine.generate("again", SamplingParams(max_tokens=3, ignore_eos=True))]
         assert outs[-1].finish_reason == "length"
@@ -88,7 +88,7 @@ async def test_cancelling_the_consumer_aborts(engine: AsyncEngine) -> None:
             await started.wait()
             tg.cancel_scope.cancel()
         stats = await wait_idle(engine)
-        assert stats["kv_blocks_in_use"] == 0 and stats["running"] == 0
+        assert stats["kv"]["blocks_in_use"] == 0 and stats["requests"]["running"] == 0
 
 
 async def test_abort_by_id(engine: AsyncEngine) -> None:
@@ -99,7 +99,7 @@ async def test_abort_by_id(engine: AsyncEngine) -> None:
         engine.abort("r1")
         rest = [o async for o in stream]
         assert rest[-1].finished and rest[-1].finish_reason == "abort"
-        assert (await wait_idle(engine))["kv_blocks_in_use"] == 0
+        assert (await wait_idle(engine))["kv"]["blocks_in_use"] == 0
 
 
 async def test_typed_errors_and_engine_keeps_serving(engine: AsyncEngine) -> None:
@@ -138,7 +138,7 @@ async def test_close_aborts_in_flight_requests(engine: AsyncEngine) -> None:
             tg.start_soon(consume, engine.generate("x", SamplingParams(max_tokens=200, ignore_eos=True)))
             await first.wait()  # 200 tokens take 200 steps; closing now must abort, not finish
     assert got[-1].finished and got[-1].finish_reason == "abort"
-    assert engine.stats()["kv_blocks_in_use"] == 0
+    assert engine.stats()["kv"]["blocks_in_use"] == 0
     with pytest.raises(EngineClosedError):
         async with engine:
             pass

@@ -61,7 +61,7 @@ def test_chunked_prefill_and_decode_share_a_step(tiny_llama: Path) -> None:
     assert [s.samples for s in batch.scheduled] == [True, False]
     core._process(batch, core.executor.execute(core._step_input(batch)))
     outs = drain(core)
-    assert len(tokens(outs["long"])) == 2 and core.stats().kv_blocks_in_use == 0
+    assert len(tokens(outs["long"])) == 2 and core.stats().kv.blocks_in_use == 0
 
 
 def test_fifo_admission_order_and_max_num_seqs(tiny_llama: Path) -> None:
@@ -70,9 +70,9 @@ def test_fifo_admission_order_and_max_num_seqs(tiny_llama: Path) -> None:
         core.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
     core.step()
     assert [r.request_id for r in core.scheduler.running] == ["r0", "r1"]
-    assert core.stats().waiting == 2
+    assert core.stats().requests.waiting == 2
     drain(core)
-    assert core.stats().kv_blocks_in_use == 0
+    assert core.stats().kv.blocks_in_use == 0
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_a_failed_iteration_aborts_its_batch_and_the_engine_goes_on(
     outs = core.step()
     assert [(o.request_id, o.finish_reason) for o in outs] == [("doomed", "abort")]
     assert "device fell over" in (outs[0].error or "")
-    assert core.stats().kv_blocks_in_use == 0 and not core.has_unfinished_requests()
+    assert core.stats().kv.blocks_in_use == 0 and not core.has_unfinished_requests()
     monkeypatch.setattr(core.executor, "execute", real)
     core.add_request("fine", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
     assert drain(core)["fine"][-1].finish_reason == "length"
@@ -164,4 +164,4 @@ def test_abort_unknown_and_waiting_requests(tiny_llama: Path) -> None:
     assert core.abort("nope") is None
     core.add_request("w", [1, 2, 3], SamplingParams(max_tokens=4))
     out = core.abort("w")
-    assert out is not None and out.finish_reason == "abort" and core.stats().waiting == 0
+    assert out is not None and out.finish_reason == "abort" and core.stats().requests.waiting == 0

@@ -102,9 +102,9 @@ def test_mixed_batches_match_peft(
     base_only = run(core, [(p, n, None) for p, n, _ in work])
     assert sum(a != b for a, b in zip(base_only, expected)) >= len(work) // 2
     stats = core.stats()
-    assert stats.kv_blocks_in_use == 0 and stats.adapter_ref_count == 0
+    assert stats.kv.blocks_in_use == 0 and stats.adapters.ref_count == 0
     if config.max_loras == 2:
-        assert stats.adapter_evictions > 0
+        assert stats.adapters.evictions > 0
 
 
 def test_adapter_info(tiny_llama: Path, tiny_adapters: dict[str, Path]) -> None:
@@ -163,14 +163,14 @@ async def test_async_adapter_api_and_refusals(tiny_llama: Path, tiny_adapters: d
             engine.remove_adapter("a8")
         await stream.aclose()
         with anyio.fail_after(5):
-            while engine.stats()["running"]:
+            while engine.stats()["requests"]["running"]:
                 await anyio.sleep(0.01)
         engine.remove_adapter("a8")
         with pytest.raises(AdapterNotFoundError):
             engine.remove_adapter("a8")
         assert engine.adapters() == []
         assert await serves()  # the engine kept serving through every refusal
-        assert engine.stats()["adapter_ref_count"] == 0 and engine.stats()["kv_blocks_in_use"] == 0
+        assert engine.stats()["adapters"]["ref_count"] == 0 and engine.stats()["kv"]["blocks_in_use"] == 0
 
 
 def test_pinned_adapters_are_never_evicted(tiny_llama: Path, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_pinned_adapters_are_never_evicted(tiny_llama: Path, tiny_adapters: dict
     for name in ("a8", "b16", "e16", "b16", "a8", "e16"):
         run(core, [([1, 2, 3], 2, name)])
         assert core.adapter_cache.entries["a8"].resident
-    assert core.stats().adapter_evictions >= 3
+    assert core.stats().adapters.evictions >= 3
     with pytest.raises(AdapterMemoryError):  # b16 could never load next to two pinned adapters
         core.pin_adapter("e16")
     core.pin_adapter("a8", False)

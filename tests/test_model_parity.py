@@ -82,9 +82,9 @@ def test_greedy_matches_transformers(arch: str, config: EngineConfig, request: A
     expected = hf_greedy(path, prompts, max_tokens)
     got = run_core(core, prompts, max_tokens, stagger=0 if config.num_kv_blocks else 3)
     assert got == expected
-    assert core.stats().kv_blocks_in_use == 0
+    assert core.stats().kv.blocks_in_use == 0
     if config.num_kv_blocks == 40:
-        assert core.stats().num_preemptions > 0, "the scenario was meant to preempt"
+        assert core.stats().requests.preemptions > 0, "the scenario was meant to preempt"
 
 
 def test_llama3_rope_scaling_and_attention_bias(tmp_path: Path, tokenizer: Any) -> None:

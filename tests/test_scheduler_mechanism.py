@@ -63,9 +63,9 @@ def test_policy_preemption_gives_identical_tokens(
     work = workload(adapters=True)
     assert run(preempting, work) == run(reference, work)
     stats = preempting.stats()
-    assert stats.num_policy_preemptions > 5
-    assert (stats.swapped_out_bytes > 0) == swap and stats.swapped_in_bytes == stats.swapped_out_bytes
-    assert stats.kv_blocks_in_use == 0 and stats.adapter_ref_count == 0
+    assert stats.requests.policy_preemptions > 5
+    assert (stats.kv.swapped_out_bytes > 0) == swap and stats.kv.swapped_in_bytes == stats.kv.swapped_out_bytes
+    assert stats.kv.blocks_in_use == 0 and stats.adapters.ref_count == 0
     assert not preempting.executor._swapped  # every host copy came back or was dropped
 
 
@@ -118,6 +118,6 @@ def test_mlfq_preemption_with_swap_is_token_identical(tiny_llama: Path, tiny_ada
             got.setdefault(out.request_id, []).extend(out.token_ids)
     assert got == expected
     stats = mlfq.stats()
-    assert stats.num_policy_preemptions > 0 and stats.swapped_out_bytes > 0
-    assert stats.swapped_in_bytes == stats.swapped_out_bytes and not mlfq.executor._swapped
-    assert sum(level["demotions"] for level in stats.scheduler_metrics["levels"]) > 0
+    assert stats.requests.policy_preemptions > 0 and stats.kv.swapped_out_bytes > 0
+    assert stats.kv.swapped_in_bytes == stats.kv.swapped_out_bytes and not mlfq.executor._swapped
+    assert sum(level["demotions"] for level in stats.scheduler["levels"]) > 0

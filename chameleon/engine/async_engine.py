@@ -234,7 +234,7 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, Any]:
         stats = self.core.stats().as_dict()
-        stats["waiting"] += len(self._adds)
+        stats["requests"]["waiting"] += len(self._adds)
         return stats
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:

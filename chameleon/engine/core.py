@@ -15,7 +15,7 @@ import attrs
 
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.config import EngineConfig
-from chameleon.engine.stats import EngineStats
+from chameleon.engine.stats import AdapterStats, EngineStats, KVStats, MemoryStats, RequestStats
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -376,32 +376,38 @@ class EngineCore(Generic[AdapterT]):
     # --- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        cache = self.adapter_cache.stats
+        cache, mech, mem = self.adapter_cache.stats, self.scheduler.stats, self.memory
         return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=self.scheduler.num_waiting,
-            kv_blocks_in_use=self.blocks.num_in_use,
-            kv_blocks_total=self.blocks.num_blocks,
-            num_preemptions=self.scheduler.stats.preemptions,
-            num_policy_preemptions=self.scheduler.stats.policy_preemptions,
-            swapped_out_bytes=self.scheduler.stats.swapped_out_bytes,
-            swapped_in_bytes=self.scheduler.stats.swapped_in_bytes,
-            scheduler_metrics=self.scheduler.policy.metrics(),
-            num_finished=self._num_finished,
-            adapters_registered=len(self.adapters),
-            adapters_resident=len(self.adapter_cache.resident()),
-            adapter_resident_bytes=self.memory.adapter_bytes,
-            adapter_hits=cache.hits,
-            adapter_misses=cache.misses,
-            adapter_loads=cache.loads,
-            adapter_prefetches=cache.prefetches,
-            adapter_evictions=cache.evictions,
-            adapter_bytes_loaded=cache.bytes_loaded,
-            adapter_load_critical_s=self.adapter_load_critical_s,
-            adapter_ref_count=self.adapter_cache.total_ref_count,
-            memory_budget_bytes=self.memory.total_bytes,
-            kv_bytes=self.memory.kv_bytes,
-            memory_free_bytes=self.memory.free_bytes,
+            requests=RequestStats(
+                running=len(self.scheduler.running),
+                waiting=self.scheduler.num_waiting,
+                finished=self._num_finished,
+                preemptions=mech.preemptions,
+                policy_preemptions=mech.policy_preemptions,
+            ),
+            kv=KVStats(
+                blocks_in_use=self.blocks.num_in_use,
+                blocks_total=self.blocks.num_blocks,
+                swapped_out_bytes=mech.swapped_out_bytes,
+                swapped_in_bytes=mech.swapped_in_bytes,
+            ),
+            memory=MemoryStats(
+                budget_bytes=mem.total_bytes, kv_bytes=mem.kv_bytes, adapter_bytes=mem.adapter_bytes, free_bytes=mem.free_bytes
+            ),
+            adapters=AdapterStats(
+                registered=len(self.adapters),
+                resident=len(self.adapter_cache.resident()),
+                resident_bytes=mem.adapter_bytes,
+                hits=cache.hits,
+                misses=cache.misses,
+                loads=cache.loads,
+                prefetches=cache.prefetches,
+                evictions=cache.evictions,
+                bytes_loaded=cache.bytes_loaded,
+                load_critical_s=self.adapter_load_critical_s,
+                ref_count=self.adapter_cache.total_ref_count,
+            ),
+            scheduler=self.scheduler.policy.metrics(),
         )
 
 

@@ -1,4 +1,9 @@
-"""What `EngineCore.stats()` reports: requests, KV, memory, the adapter cache and the scheduler."""
+"""What `EngineCore.stats()` reports, nested by source: requests, KV, memory, adapters, scheduler.
+
+Each part is a frozen value read from the component that owns the numbers (the scheduler's
+mechanism, the KV block manager, the memory budget, the adapter cache, the policy), so a dashboard
+or a test reads `stats.kv.blocks_in_use` or `stats.adapters.hit_rate` without knowing the internals.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +13,60 @@ import attrs
 
 
 @attrs.frozen
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_in_use: int
-    kv_blocks_total: int
-    num_preemptions: int
-    num_finished: int
-    num_policy_preemptions: int = 0
+class RequestStats:
+    running: int = 0
+    waiting: int = 0
+    finished: int = 0
+    preemptions: int = 0
+    policy_preemptions: int = 0  # asked for by the policy (quantum, squash), not forced by memory
+
+
+@attrs.frozen
+class KVStats:
+    blocks_in_use: int = 0
+    blocks_total: int = 0
     swapped_out_bytes: int = 0
     swapped_in_bytes: int = 0
-    scheduler_metrics: dict[str, Any] = attrs.field(factory=dict)
-    adapters_registered: int = 0
-    adapters_resident: int = 0
-    adapter_resident_bytes: int = 0
-    adapter_hits: int = 0
-    adapter_misses: int = 0
-    adapter_loads: int = 0
-    adapter_prefetches: int = 0
-    adapter_evictions: int = 0
-    adapter_bytes_loaded: int = 0
-    adapter_load_critical_s: float = 0.0
-    adapter_ref_count: int = 0
-    memory_budget_bytes: int = 0
+
+
+@attrs.frozen
+class MemoryStats:
+    budget_bytes: int = 0
     kv_bytes: int = 0
-    memory_free_bytes: int = 0
+    adapter_bytes: int = 0
+    free_bytes: int = 0
+
+
+@attrs.frozen
+class AdapterStats:
+    registered: int = 0
+    resident: int = 0
+    resident_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0  # host -> device copies, prefetches included
+    prefetches: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0
+    load_critical_s: float = 0.0  # time iterations waited for adapter copies
+    ref_count: int = 0
 
     @property
-    def adapter_hit_rate(self) -> float | None:
-        lookups = self.adapter_hits + self.adapter_misses
-        return self.adapter_hits / lookups if lookups else None
+    def hit_rate(self) -> float | None:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else None
+
+
+@attrs.frozen
+class EngineStats:
+    requests: RequestStats = attrs.field(factory=RequestStats)
+    kv: KVStats = attrs.field(factory=KVStats)
+    memory: MemoryStats = attrs.field(factory=MemoryStats)
+    adapters: AdapterStats = attrs.field(factory=AdapterStats)
+    scheduler: dict[str, Any] = attrs.field(factory=dict)  # the policy's own decisions (`metrics()`)
 
     def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """Nested plain data (JSON-ready); `adapters.hit_rate` included."""
+        d = attrs.asdict(self)
+        d["adapters"]["hit_rate"] = self.adapters.hit_rate
+        return d

@@ -379,16 +379,16 @@ class Bench:
         records = run_workload(core, workload, clock, progress=self.bar)
         wall = time.perf_counter() - start
         stats = core.stats()
-        lookups = stats.adapter_hits + stats.adapter_misses
-        hit_rate = stats.adapter_hits / lookups if lookups else None
+        lookups = stats.adapters.hits + stats.adapters.misses
+        hit_rate = stats.adapters.hits / lookups if lookups else None
         summary = summarize(
             records, slo_ttft_s=self.args.slo_ttft, slo_tbt_s=self.args.slo_tbt, adapter_hit_rate=hit_rate
         )
         extra: dict[str, Any] = {
-            "adapter_hits": stats.adapter_hits,
-            "adapter_misses": stats.adapter_misses,
-            "adapter_evictions": stats.adapter_evictions,
-            "num_preemptions": stats.num_preemptions,
+            "adapter_hits": stats.adapters.hits,
+            "adapter_misses": stats.adapters.misses,
+            "adapter_evictions": stats.adapters.evictions,
+            "num_preemptions": stats.requests.preemptions,
             "wall_s": wall,
         }
         sim_stats = getattr(core.executor, "stats", None)
