@@ -23,7 +23,8 @@ from chameleon.errors import (
 )
 from chameleon.lora import peft_adapter
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
-from chameleon.lora.peft_config import TARGET_MODULES, read_adapter_config
+from chameleon.lora.peft_config import read_adapter_config
+from chameleon.model.geometry import TARGET_MODULES
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 128, 4, 2, 2, 128
 KV_OUT = KV_HEADS * HIDDEN // HEADS

@@ -15,7 +15,6 @@ from chameleon.executor.base import SequenceInput, StepInput
 from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
-from chameleon.lora.peft_config import TARGET_MODULES
 from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
@@ -24,7 +23,7 @@ from chameleon.outputs import AdapterInfo
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
-    return 2 * spec.num_layers * spec.kv_size * torch.empty((), dtype=dtype).element_size()
+    return spec.geometry.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
 
 
 class TorchExecutor:
@@ -251,20 +250,8 @@ class TorchExecutor:
 
 
 def base_model_spec(spec: ModelSpec, dtype: torch.dtype) -> BaseModelSpec:
-    """The shapes adapters are validated against, from the model itself."""
-    h, q, kv, inter = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    shapes = {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
-    assert set(shapes) == set(TARGET_MODULES)
-    return BaseModelSpec(num_layers=spec.num_layers, module_shapes=shapes, dtype=dtype)
-
+    """The shapes adapters are validated against, from the model's geometry."""
+    return BaseModelSpec(num_layers=spec.num_layers, module_shapes=spec.geometry.module_shapes(), dtype=dtype)
 
 def _pin(adapter: LoRAAdapter) -> LoRAAdapter:
     import attrs

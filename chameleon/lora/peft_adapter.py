@@ -35,15 +35,15 @@ from chameleon.lora.peft_config import (
     _EMBEDDING_NAMES,
     _GLOBAL_AUX,
     _LAYER_AUX,
-    _PARENT,
     CONFIG_FILE,
     EMBEDDING_MODULES,
-    TARGET_MODULES,
     PeftLoraConfig,
     _load_json,
     _parse_config,
     _who,
 )
+from chameleon.model.geometry import PARENT as _PARENT
+from chameleon.model.geometry import TARGET_MODULES
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -19,12 +19,8 @@ from typing import Any, TypeVar
 import attrs
 
 from chameleon.errors import AdapterLoadError, AdapterValidationError, UnsupportedAdapterError
+from chameleon.model.geometry import TARGET_MODULES
 
-TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT: Mapping[str, str] = types.MappingProxyType(
-    {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-)
 EMBEDDING_MODULES: tuple[str, ...] = ("embed_tokens", "lm_head")
 CONFIG_FILE = "adapter_config.json"
 # PEFT's default target_modules for llama / mistral / qwen2 when the config leaves them unset.

@@ -18,7 +18,7 @@ import torch
 
 from chameleon.lora.ops import Backend, LoRASegments, lora_apply
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter
-from chameleon.lora.peft_config import TARGET_MODULES
+from chameleon.model.geometry import TARGET_MODULES
 
 # Modules fed the same activations, in the order the model passes their outputs.
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

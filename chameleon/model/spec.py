@@ -8,6 +8,7 @@ import attrs
 import torch
 
 from chameleon.errors import UnsupportedModelError
+from chameleon.model.geometry import Geometry
 
 # Architectures whose HF checkpoints share the Llama layout (names of weights and blocks).
 SUPPORTED_ARCHITECTURES = {
@@ -39,12 +40,23 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
 
     @property
+    def geometry(self) -> Geometry:
+        return Geometry(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
+
+    @property
     def q_size(self) -> int:
-        return self.num_heads * self.head_dim
+        return self.geometry.q_size
 
     @property
     def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
+        return self.geometry.kv_size
 
 
 def _architecture(config: Any) -> str:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from chameleon.model.geometry import ATTENTION_MODULES, Geometry
+
 GiB = 1 << 30
 MiB = 1 << 20
 FP16_BYTES = 2
@@ -52,10 +54,8 @@ A100_80GB = GPUSpec(
 GPUS: dict[str, GPUSpec] = {"A40": A40_48GB, "A100": A100_80GB}
 
 # Llama projections and their (in, out) shapes are functions of the config; these names match PEFT's.
-_ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # SPEC §1: the paper's adapters target q, k, v, o (a rank-32 adapter of Llama-7B is 64 MiB).
-DEFAULT_LORA_TARGETS: tuple[str, ...] = _ATTENTION_MODULES
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ATTENTION_MODULES
 
 
 @attrs.frozen
@@ -77,28 +77,18 @@ class ModelCost:
     dtype_bytes: int = FP16_BYTES
 
     @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.num_layers, self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim)
+
+    @property
     def layer_matmul_params(self) -> int:
         """Parameters that multiply every token: the decoder layers' projections (no embeddings,
         no LM head, no norms)."""
-        per_layer = sum(i * o for i, o in (self.module_dims(m) for m in _ATTENTION_MODULES + _MLP_MODULES))
-        return self.num_layers * per_layer
+        return self.geometry.layer_matmul_params()
 
     def module_dims(self, module: str) -> tuple[int, int]:
         """(in, out) features of a projection, as PEFT's lora_A / lora_B see them."""
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        dims = {
-            "q_proj": (self.hidden, q),
-            "k_proj": (self.hidden, kv),
-            "v_proj": (self.hidden, kv),
-            "o_proj": (q, self.hidden),
-            "gate_proj": (self.hidden, self.intermediate),
-            "up_proj": (self.hidden, self.intermediate),
-            "down_proj": (self.intermediate, self.hidden),
-        }
-        try:
-            return dims[module]
-        except KeyError:
-            raise ValueError(f"unknown target module {module!r}; known: {sorted(dims)}") from None
+        return self.geometry.module_shape(module)
 
     def lora_features(self, targets: Sequence[str]) -> int:
         """Σ over target modules of (in + out): one rank row of every target, in one layer."""
@@ -106,7 +96,7 @@ class ModelCost:
 
     def adapter_row_bytes(self, targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> int:
         """Device bytes of one rank row of an adapter: A row (in) + B row (out), every target, every layer."""
-        return self.dtype_bytes * self.num_layers * self.lora_features(targets)
+        return self.geometry.lora_row_bytes(targets, self.dtype_bytes)
 
 
 def llama_model_cost(
@@ -124,9 +114,9 @@ def llama_model_cost(
     """A Llama-architecture model's cost from its config (untied embeddings, RMSNorm without bias)."""
     kv_heads = num_kv_heads or num_heads
     head_dim = hidden // num_heads
-    q, kv = num_heads * head_dim, kv_heads * head_dim
-    per_layer = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * intermediate + 2 * hidden
-    params = 2 * vocab_size * hidden + num_layers * per_layer + hidden
+    geometry = Geometry(num_layers, hidden, intermediate, num_heads, kv_heads, head_dim)
+    norms = num_layers * 2 * hidden + hidden
+    params = 2 * vocab_size * hidden + geometry.layer_matmul_params() + norms
     return ModelCost(
         name=name,
         params=params,
@@ -137,7 +127,7 @@ def llama_model_cost(
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         weight_bytes=params * dtype_bytes,
-        kv_bytes_per_token=2 * num_layers * kv * dtype_bytes,
+        kv_bytes_per_token=geometry.kv_bytes_per_token(dtype_bytes),
         vocab_size=vocab_size,
         max_model_len=max_model_len,
         dtype_bytes=dtype_bytes,
