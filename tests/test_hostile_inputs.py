@@ -106,7 +106,8 @@ def test_every_engine_config_field_is_validated(kwargs: dict[str, Any]) -> None:
 def test_engine_config_defaults() -> None:
     c = EngineConfig()
     assert c.max_queued_requests == 4096 and c.adapter_prefetch_depth == 8 and c.seed == 0
-    assert EngineConfig(adapter_prefetch_depth=0, max_queued_requests=1, adapter_arrival_prefetch=True).max_queued_requests == 1
+    c = EngineConfig(adapter_prefetch_depth=0, max_queued_requests=1, adapter_arrival_prefetch=True)
+    assert c.max_queued_requests == 1
 
 
 def test_new_error_types() -> None:
@@ -164,7 +165,7 @@ def test_sample_from_hidden_fails_non_finite_hidden_rows_greedy_included() -> No
     hidden[2, 5] = float("inf")  # sampled
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(temperature=1.0),
               SamplingParams(temperature=1.0, seed=1)]
-    kw: dict[str, Any] = dict(logits=lambda h: h @ head.T, greedy=lambda h: (h @ head.T).argmax(-1))
+    kw: dict[str, Any] = {"logits": lambda h: h @ head.T, "greedy": lambda h: (h @ head.T).argmax(-1)}
     tokens = sample_rows_from_hidden(hidden, params, _gens(4), **kw)
     assert [t is None for t in tokens] == [False, True, True, False]
     assert tokens[0] == int((hidden[0] @ head.T).argmax())
