@@ -46,7 +46,7 @@ def _write(path: Path, seed: int = 0, config: dict[str, object] | None = None) -
 
 def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
 
