@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 from chameleon.errors import AdapterLoadError, UnsafeAdapterPatternError
+from chameleon.lora import safe_regex
 from chameleon.lora.peft_adapter import BaseModelSpec, load_peft_adapter
 from chameleon.lora.peft_config import _parse_config
 
@@ -167,3 +168,11 @@ def test_rank_pattern_keeps_peft_get_pattern_key_semantics() -> None:
     assert config.rank_for("model.layers.1.mlp.down_proj") == 4
     assert config.rank_for("model.layers.12.mlp.down_proj") == 8  # `(.*\.)?(key)$` is anchored at a dot
     assert config.rank_for("model.layers.0.self_attn.q_proj") == 2
+
+
+def test_all_matches_of_one_load_share_one_budget() -> None:
+    with safe_regex.deadline(5.0):
+        assert safe_regex.fullmatch(r".*_proj", "model.layers.0.self_attn.q_proj")
+    with safe_regex.deadline(0.0), pytest.raises(UnsafeAdapterPatternError, match="took too long"):
+        safe_regex.fullmatch(r".*_proj", "model.layers.0.self_attn.q_proj")
+    assert safe_regex.fullmatch(r".*_proj", "model.layers.0.self_attn.q_proj")  # budget ends with the block

@@ -44,6 +44,7 @@ from chameleon.errors import (
     UnsafeAdapterPatternError,
     UnsupportedAdapterError,
 )
+from chameleon.lora import safe_regex
 from chameleon.lora.peft_config import (
     _EMBEDDING_NAMES,
     _GLOBAL_AUX,
@@ -65,6 +66,7 @@ _SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = types.MappingProxyType(
     {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 )
 MAX_ABS_WEIGHT = 1e4  # |lora_A| and |lora_B x scale| above this are refused (module docstring)
+MATCH_BUDGET_S = 2.0  # all config-regex matching of one adapter load together (lora/safe_regex.py)
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 _SERVING_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 # What PEFT's save_pretrained writes: "base_model.model." + module name + ".lora_A.weight" (adapter name stripped).
@@ -195,8 +197,9 @@ def load_peft_adapter(
     cfg_file, st_file = _locate_files(root, who)
     config = _parse_config(_load_json(cfg_file, who), who)
     try:
-        expected = _expected_modules(config, base, who)
-        plans = _plan_modules(_read_header(st_file, who), config, base, expected, max_lora_rank, who)
+        with safe_regex.deadline(MATCH_BUDGET_S):
+            expected = _expected_modules(config, base, who)
+            plans = _plan_modules(_read_header(st_file, who), config, base, expected, max_lora_rank, who)
     except UnsafeAdapterPatternError as e:
         raise with_who(e, who) from e
     tensors, digest = _read_module_tensors(st_file, plans, who)

@@ -8,16 +8,22 @@ Two layers of defence, so a hostile `adapter_config.json` can never freeze the p
    inside a repeat (`(a+)+`, `(.*a){20}`): the shapes of catastrophic backtracking.
 2. `fullmatch` / `match` run on the `regex` package with `timeout=MATCH_TIMEOUT_S` and
    `concurrent=True` (the GIL is released while matching), so whatever the guard lets through (e.g.
-   overlapping alternatives, `(.|.)*x`) is cut off in bounded time.
+   overlapping alternatives, `(.|.)*x`) is cut off in bounded time. Inside `with deadline(s):` all
+   matches together get at most `s` seconds (one adapter load matches a pattern against hundreds of
+   module names; each just under the per-match timeout must not add up to minutes).
 Both raise `UnsafeAdapterPatternError`. Syntax and semantics stay those of `re` (what PEFT uses):
 `re.compile` decides validity, and `regex` in its default V0 mode matches like `re`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import re._constants as _c  # type: ignore[import-not-found]
 import re._parser as _p  # type: ignore[import-not-found]
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import regex
@@ -28,6 +34,7 @@ MAX_PATTERN_CHARS = 1024
 MAX_NESTING = 32
 MAX_REPEAT_COUNT = 100
 MATCH_TIMEOUT_S = 0.1
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("chameleon_regex_deadline", default=None)
 _REPEATS = frozenset({_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", _c.MAX_REPEAT)})
 _BACKREFS = frozenset({_c.GROUPREF, _c.GROUPREF_EXISTS, getattr(_c, "GROUPREF_IGNORE", _c.GROUPREF)})
 
@@ -51,6 +58,16 @@ def check_pattern(pattern: str, what: str, who: str) -> None:
         raise UnsafeAdapterPatternError(f"{who}: {what} {pattern!r} is refused: {problem}")
 
 
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Every match inside the block shares one budget of `seconds` (module docstring)."""
+    token = _DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 def fullmatch(pattern: str, string: str) -> bool:
     """`re.fullmatch(pattern, string) is not None`, in bounded time."""
     return _run(regex.fullmatch, pattern, string) is not None
@@ -62,8 +79,12 @@ def match(pattern: str, string: str) -> Any:
 
 
 def _run(fn: Any, pattern: str, string: str) -> Any:
+    end = _DEADLINE.get()
+    timeout = MATCH_TIMEOUT_S if end is None else min(MATCH_TIMEOUT_S, end - time.monotonic())
+    if timeout <= 0:
+        raise UnsafeAdapterPatternError(f"matching the config's patterns took too long (at {pattern!r})")
     try:
-        return fn(pattern, string, timeout=MATCH_TIMEOUT_S, concurrent=True)
+        return fn(pattern, string, timeout=timeout, concurrent=True)
     except TimeoutError as e:
         raise UnsafeAdapterPatternError(f"pattern {pattern!r} timed out after {MATCH_TIMEOUT_S}s on {string!r}") from e
     except regex.error as e:
