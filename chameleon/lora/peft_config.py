@@ -2,7 +2,9 @@
 
 Target-module matching, `rank_pattern`/`alpha_pattern` lookup and `layers_to_transform` mirror PEFT
 0.21 (`peft.tuners.tuners_utils.check_target_module_exists`, `peft.utils.other.get_pattern_key`), so
-an adapter gets exactly the ranks and scales PEFT would give it.
+an adapter gets exactly the ranks and scales PEFT would give it. Every regex from the config is checked
+and matched through `chameleon.lora.safe_regex` (complexity guard + match timeout), so a hostile
+pattern gets `UnsafeAdapterPatternError` instead of freezing the process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from typing import Any, TypeVar
 
 import attrs
 
-from chameleon.errors import AdapterLoadError, AdapterValidationError, UnsafeAdapterPatternError, UnsupportedAdapterError
+from chameleon.errors import (
+    AdapterLoadError,
+    AdapterValidationError,
+    UnsafeAdapterPatternError,
+    UnsupportedAdapterError,
+)
 from chameleon.lora import safe_regex
 
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
