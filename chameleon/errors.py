@@ -34,6 +34,23 @@ class EngineStepError(ChameleonError, RuntimeError):
     """An iteration failed; the requests in that batch were aborted, the engine keeps serving."""
 
 
+class EngineOverloadedError(ChameleonError, RuntimeError):
+    """The engine already holds `EngineConfig.max_queued_requests` unfinished requests; retry later."""
+
+
+class SamplingError(ChameleonError, RuntimeError):
+    """Some rows of a batch could not be sampled (non-finite logits or probabilities).
+
+    `rows` are the failed row indices; `tokens` has one entry per row: the sampled id, or None for a
+    failed row. Only the requests of the failed rows should fail; the others' tokens are valid.
+    """
+
+    def __init__(self, message: str, rows: tuple[int, ...], tokens: tuple[int | None, ...]) -> None:
+        super().__init__(message)
+        self.rows = rows
+        self.tokens = tokens
+
+
 # --- models -------------------------------------------------------------------------------
 
 
@@ -77,6 +94,16 @@ class UnsupportedAdapterError(AdapterError):
 
 class AdapterValidationError(AdapterError):
     """The adapter does not fit the base model (shapes, rank limit, unknown modules, dtype)."""
+
+
+class UnsafeAdapterPatternError(AdapterValidationError):
+    """A regex in the adapter config (target_modules, exclude_modules, rank/alpha_pattern key,
+    layers_pattern) is too long or too complex to match in bounded time, or its match timed out."""
+
+
+class AdapterQuarantinedError(AdapterError):
+    """The adapter failed to load (its files vanished or changed); its requests are refused until it is
+    removed and added again."""
 
 
 class AdapterInUseError(AdapterError):

@@ -1,12 +1,32 @@
-"""Per-request sampling parameters, validated on construction (vLLM's names and meanings)."""
+"""Per-request sampling parameters, validated on construction (vLLM's names and meanings).
+
+Every bad value raises `InvalidSamplingParamsError`, never another exception type. Bools are never
+accepted as numbers, and ints are required where ints are meant. Bounds (all documented in README):
+- `temperature`: 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE] = [1e-3, 1e4]. vLLM silently
+  clamps tiny temperatures; we refuse them instead, because dividing logits by 1e-300 overflows them to
+  inf and the row cannot be sampled. Use 0 for greedy decoding.
+- `top_p`: in [MIN_TOP_P, 1] = [1e-6, 1]; smaller values underflow to 0 in the float32 sampler.
+- `stop`: a str or a list/tuple of non-empty str; `stop_token_ids`: a list/tuple of ints in
+  [0, 2**31). `seed`: None or an int in [0, 2**63).
+- `output_kind` (vLLM's `RequestOutputKind`): "delta" (each output carries only the new text and
+  tokens), "cumulative" (each carries everything so far), "final" (one output, at the end).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import attrs
 
 from chameleon.errors import InvalidSamplingParamsError
+
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e4
+MIN_TOP_P = 1e-6
+MAX_TOKEN_ID = 2**31 - 1
+OutputKind = Literal["delta", "cumulative", "final"]
+OUTPUT_KINDS: tuple[str, ...] = ("delta", "cumulative", "final")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -14,21 +34,36 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidSamplingParamsError(message)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _items(value: Any, field: str) -> tuple[Any, ...]:
+    """A list or tuple as a tuple; any other container (str, bytes, dict, set, ...) is refused."""
+    if not isinstance(value, list | tuple):
+        raise InvalidSamplingParamsError(f"{field} must be a list or tuple, got {type(value).__name__}: {value!r}")
+    return tuple(value)
+
+
 def _to_str_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
-    return tuple(value)
+    return _items(value, "stop")
 
 
 def _to_int_tuple(value: Sequence[int] | None) -> tuple[int, ...]:
-    return () if value is None else tuple(value)
+    return () if value is None else _items(value, "stop_token_ids")
 
 
 @attrs.frozen
 class SamplingParams:
-    """How to pick tokens and when to stop. `temperature=0` is greedy decoding."""
+    """How to pick tokens and when to stop. `temperature=0` is greedy decoding (module docstring: bounds)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -39,34 +74,52 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_to_int_tuple)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    output_kind: OutputKind = "delta"
 
     def __attrs_post_init__(self) -> None:
+        self._check_numbers()
+        self._check_stops()
+        for field in ("ignore_eos", "include_stop_str_in_output"):
+            _check(isinstance(getattr(self, field), bool), f"{field} must be a bool, got {getattr(self, field)!r}")
         _check(
-            isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
+            isinstance(self.output_kind, str) and self.output_kind in OUTPUT_KINDS,
+            f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}",
+        )
+
+    def _check_numbers(self) -> None:
+        _check(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
             f"max_tokens must be an int >= 1, got {self.max_tokens!r}",
         )
+        t = self.temperature
         _check(
-            isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature < float("inf"),
-            f"temperature must be a finite number >= 0, got {self.temperature!r}",
+            _is_real(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE),
+            f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t!r}",
         )
         _check(
-            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
-            f"top_p must be in (0, 1], got {self.top_p!r}",
+            _is_real(self.top_p) and MIN_TOP_P <= self.top_p <= 1.0,
+            f"top_p must be in [{MIN_TOP_P:g}, 1], got {self.top_p!r}",
         )
         _check(
-            isinstance(self.top_k, int) and self.top_k >= -1,
+            _is_int(self.top_k) and self.top_k >= -1,
             f"top_k must be an int >= 0 (0 or -1 disables it), got {self.top_k!r}",
         )
         _check(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
             f"seed must be None or an int in [0, 2**63), got {self.seed!r}",
         )
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+
+    def _check_stops(self) -> None:
         _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}",
+            all(isinstance(s, str) and s for s in self.stop),
+            f"stop strings must be non-empty strings, got {self.stop!r}",
+        )
+        _check(
+            all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids),
+            f"stop_token_ids must be ints in [0, {MAX_TOKEN_ID}], got {self.stop_token_ids!r}",
         )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+

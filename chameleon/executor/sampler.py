@@ -1,4 +1,18 @@
-"""Token selection from the last-position logits of the rows that sample this step."""
+"""Token selection from the last-position logits of the rows that sample this step.
+
+Failures are per row, never per batch. A row fails when its logits hold a NaN or +inf, are all -inf,
+or its final probabilities are not a usable distribution (non-finite, or zero mass); for a greedy row
+whose logits are never materialised (`sample_rows_from_hidden`), when its hidden state is not finite
+(the argmax of NaN logits is garbage, so it counts as a failure too). A failed row consumes nothing
+from any other row's generator, so the other rows' tokens are the same as in a batch without it.
+
+Two forms of each entry point:
+- `sample_rows` / `sample_rows_from_hidden` return `list[int | None]`: None marks a failed row. This is
+  what an executor should call: emit the tokens, fail only the requests whose row is None.
+- `sample` / `sample_from_hidden` return `list[int]` when every row succeeds and otherwise raise
+  `SamplingError` carrying `rows` (the failed indices) and `tokens` (the per-row result, None where
+  failed), so a caller written for the old all-or-nothing API can catch it and still fail only those.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from chameleon.errors import SamplingError
 from chameleon.sampling_params import SamplingParams
 
 
@@ -18,52 +33,104 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
         probs = sorted_logits.softmax(-1)
         # Drop a token once the mass strictly before it already reaches top_p (keeps at least one).
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[0] = False  # the most likely token always stays, whatever rounding did
         drop = torch.zeros_like(drop_sorted).scatter_(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def sample(
+def _unusable_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row: NaN or +inf anywhere, or nothing but -inf."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    return bad.tolist()
+
+
+def _draw(row_logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int | None:
+    probs = _filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        return None
+    try:
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+    except RuntimeError:  # torch's own check on the distribution; this row only
+        return None
+
+
+def sample_rows(
     logits: torch.Tensor,  # [S, vocab] float32
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
-) -> list[int]:
-    """One token per row. Each row draws from its own generator, so a seeded request gives the
-    same tokens whatever else shares its batch."""
-    out = logits.argmax(-1).tolist()  # greedy rows are done; the rest are overwritten below
+) -> list[int | None]:
+    """One token per row, or None for a row that cannot be sampled. Each row draws from its own
+    generator, so a seeded request gives the same tokens whatever else shares its batch."""
+    bad = _unusable_rows(logits)
+    greedy_ids = logits.argmax(-1).tolist()
+    out: list[int | None] = []
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        scaled = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = scaled.softmax(-1)
-        out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+        if bad[row]:
+            out.append(None)
+        elif p.greedy:
+            out.append(int(greedy_ids[row]))
+        else:
+            out.append(_draw(logits[row], p, gen))
     return out
 
 
-def sample_from_hidden(
+def sample_rows_from_hidden(
     hidden: torch.Tensor,  # [S, hidden] final hidden states of the rows that sample
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
     *,
     logits: Callable[[torch.Tensor], torch.Tensor],  # hidden -> [n, vocab] float32
     greedy: Callable[[torch.Tensor], torch.Tensor],  # hidden -> [n] argmax ids, logits never materialised
-) -> list[int]:
-    """Like `sample`, but greedy rows never materialise their logits (the head reduces them chunk by
-    chunk) and only the other rows pay for a full [n, vocab] float32 tensor."""
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-    if len(greedy_rows) == len(params):
-        return greedy(hidden).tolist()
-    out = [0] * len(params)
+) -> list[int | None]:
+    """Like `sample_rows`, but greedy rows never materialise their logits (the head reduces them chunk
+    by chunk) and only the other rows pay for a full [n, vocab] float32 tensor."""
+    finite = torch.isfinite(hidden).all(-1).tolist()
+    out: list[int | None] = [None] * len(params)
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy and finite[i]]
     if greedy_rows:
-        ids = greedy(hidden.index_select(0, torch.tensor(greedy_rows, device=hidden.device))).tolist()
+        ids = greedy(_rows(hidden, greedy_rows)).tolist()
         for row, token in zip(greedy_rows, ids, strict=True):
+            out[row] = int(token)
+    rest = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
+    if rest:
+        sampled = sample_rows(logits(_rows(hidden, rest)), [params[i] for i in rest], [generators[i] for i in rest])
+        for row, token in zip(rest, sampled, strict=True):
             out[row] = token
-    rest = [i for i, p in enumerate(params) if not p.greedy]
-    sampled = sample(
-        logits(hidden.index_select(0, torch.tensor(rest, device=hidden.device))),
-        [params[i] for i in rest],
-        [generators[i] for i in rest],
-    )
-    for row, token in zip(rest, sampled, strict=True):
-        out[row] = token
     return out
+
+
+def _rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    if len(rows) == hidden.shape[0]:
+        return hidden
+    return hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """`sample_rows`, all rows or `SamplingError` (module docstring)."""
+    return _all_or_raise(sample_rows(logits, params, generators))
+
+
+def sample_from_hidden(
+    hidden: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    *,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    greedy: Callable[[torch.Tensor], torch.Tensor],
+) -> list[int]:
+    """`sample_rows_from_hidden`, all rows or `SamplingError` (module docstring)."""
+    return _all_or_raise(sample_rows_from_hidden(hidden, params, generators, logits=logits, greedy=greedy))
+
+
+def _all_or_raise(tokens: list[int | None]) -> list[int]:
+    failed = tuple(i for i, t in enumerate(tokens) if t is None)
+    if failed:
+        raise SamplingError(
+            f"rows {list(failed)} of {len(tokens)} have non-finite logits or probabilities; the other rows sampled",
+            rows=failed,
+            tokens=tuple(tokens),
+        )
+    return [t for t in tokens if t is not None]

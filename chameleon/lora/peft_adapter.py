@@ -7,6 +7,15 @@ tensors read. Pickle formats (`.bin`, `.pt`, ...) are refused, never unpickled.
 Target-module matching, `rank_pattern`/`alpha_pattern` lookup and `layers_to_transform` mirror PEFT
 0.21 (`peft.tuners.tuners_utils.check_target_module_exists`, `peft.utils.other.get_pattern_key`), so
 an adapter gets exactly the ranks and scales PEFT would give it. Scales are folded into `b_t`.
+Every regex from the config is matched in bounded time (`chameleon.lora.safe_regex`).
+
+Tensor data is read once, as bytes, into memory the engine owns (never a view of a file mapping), and
+the content hash is taken from those same bytes: rewriting or truncating the file after loading can
+neither change the adapter nor crash the process, and a reload that sees other bytes gets another
+hash (the executor then raises `AdapterLoadError`). Peak memory while loading is about twice the file.
+Weights must be F16/BF16/F32, finite in the serving dtype and at most `MAX_ABS_WEIGHT` in magnitude
+(lora_A, and lora_B with its scale folded in): no trained LoRA comes near that, and larger values
+could only overflow activations and poison the sampler.
 """
 
 from __future__ import annotations
@@ -15,12 +24,15 @@ import hashlib
 import json
 import os
 import re
+import struct
 import types
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -29,8 +41,10 @@ from chameleon.errors import (
     AdapterValidationError,
     ModelLoadError,
     UnsafeAdapterFormatError,
+    UnsafeAdapterPatternError,
     UnsupportedAdapterError,
 )
+from chameleon.lora import safe_regex
 from chameleon.lora.peft_config import (
     _EMBEDDING_NAMES,
     _GLOBAL_AUX,
@@ -41,6 +55,7 @@ from chameleon.lora.peft_config import (
     _load_json,
     _parse_config,
     _who,
+    with_who,
 )
 from chameleon.model.geometry import PARENT as _PARENT
 from chameleon.model.geometry import TARGET_MODULES
@@ -50,6 +65,9 @@ _PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".p
 _SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = types.MappingProxyType(
     {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 )
+MAX_ABS_WEIGHT = 1e4  # |lora_A| and |lora_B x scale| above this are refused (module docstring)
+MATCH_BUDGET_S = 2.0  # all config-regex matching of one adapter load together (lora/safe_regex.py)
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 _SERVING_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 # What PEFT's save_pretrained writes: "base_model.model." + module name + ".lora_A.weight" (adapter name stripped).
 _KEY_RE = re.compile(
@@ -178,9 +196,14 @@ def load_peft_adapter(
     who = _who(name, root)
     cfg_file, st_file = _locate_files(root, who)
     config = _parse_config(_load_json(cfg_file, who), who)
-    expected = _expected_modules(config, base, who)
-    plans = _plan_modules(_read_header(st_file, who), config, base, expected, max_lora_rank, who)
-    weights = {(p.layer, p.module): _fold(p, a, b, dtype, who) for p, a, b in _read_module_tensors(st_file, plans)}
+    try:
+        with safe_regex.deadline(MATCH_BUDGET_S):
+            expected = _expected_modules(config, base, who)
+            plans = _plan_modules(_read_header(st_file, who), config, base, expected, max_lora_rank, who)
+    except UnsafeAdapterPatternError as e:
+        raise with_who(e, who) from e
+    tensors, digest = _read_module_tensors(st_file, plans, who)
+    weights = {(p.layer, p.module): _fold(p, tensors.pop(p.a_key), tensors.pop(p.b_key), dtype, who) for p in plans}
     return LoRAAdapter(
         name=name,
         path=str(root),
@@ -189,7 +212,7 @@ def load_peft_adapter(
         target_modules=tuple(sorted({p.module for p in plans})),
         weights=types.MappingProxyType(weights),
         nbytes=sum(w.a.nbytes + w.b_t.nbytes for w in weights.values()),
-        content_hash=_content_hash(st_file, config),
+        content_hash=_content_hash(digest, config),
         dtype=dtype,
     )
 
@@ -354,12 +377,37 @@ def _check_missing(present: set[tuple[int, str]], expected: frozenset[tuple[int,
 
 
 def _read_module_tensors(
-    st_file: Path, plans: Sequence[_ModulePlan]
-) -> Iterator[tuple[_ModulePlan, torch.Tensor, torch.Tensor]]:
-    """The only place tensor data is read; one module at a time keeps the peak small."""
-    with safe_open(str(st_file), framework="pt") as f:
-        for p in plans:
-            yield p, f.get_tensor(p.a_key), f.get_tensor(p.b_key)
+    st_file: Path, plans: Sequence[_ModulePlan], who: str
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The only place tensor data is read: the whole file, as bytes, into memory we own, at most the size
+    the validated header allows. Returns the tensors by key and the sha256 of exactly those bytes."""
+    try:
+        with st_file.open("rb") as f:
+            limit = _size_limit(f.read(8), plans)
+            f.seek(0)
+            blob = f.read(limit + 1)
+    except OSError as e:
+        raise AdapterLoadError(f"{who}: cannot read {WEIGHTS_FILE}: {e}") from e
+    if len(blob) > limit:
+        raise AdapterLoadError(f"{who}: {WEIGHTS_FILE} holds more data than its header describes")
+    digest = hashlib.sha256(blob)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer over read-only bytes; _fold copies
+            tensors = safetensors.torch.load(blob)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise AdapterLoadError(f"{who}: {WEIGHTS_FILE} changed while loading: {e}") from e
+    wanted = {k for p in plans for k in (p.a_key, p.b_key)}
+    if set(tensors) != wanted:
+        raise AdapterLoadError(f"{who}: {WEIGHTS_FILE} changed while loading (its keys differ from its header)")
+    return tensors, digest
+
+
+def _size_limit(prefix: bytes, plans: Sequence[_ModulePlan]) -> int:
+    """8 + header + data bytes, data counted at 4 bytes an element (the widest dtype accepted)."""
+    header = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+    data = sum(4 * (p.a_shape[0] * p.a_shape[1] + p.b_shape[0] * p.b_shape[1]) for p in plans)
+    return 8 + min(header, _MAX_HEADER_BYTES) + data
 
 
 def _fold(
@@ -368,20 +416,26 @@ def _fold(
     name = _module_name(plan.layer, plan.module)
     if tuple(a_raw.shape) != plan.a_shape or tuple(b_raw.shape) != plan.b_shape:  # file changed since the header
         raise AdapterLoadError(f"{who}: {name} tensors changed while loading")
-    a = a_raw.to(dtype).contiguous()
+    bad = [str(t.dtype) for t in (a_raw, b_raw) if t.dtype not in _SAFETENSORS_DTYPES.values()]
+    if bad:  # never cast an int / bool tensor into weights
+        raise AdapterValidationError(f"{who}: {name} has dtype {bad[0]}, expected one of {sorted(_SAFETENSORS_DTYPES)}")
+    a = a_raw.to(dtype=dtype, copy=True).contiguous()  # copy: storage owned here, not the read buffer
     b_t = (b_raw.to(torch.float32).T * plan.scale).to(dtype).contiguous()  # fold in fp32, round once
     if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
         raise AdapterValidationError(
             f"{who}: {name} has non-finite values in {dtype} (lora_A, or lora_B x scale {plan.scale:g})"
         )
+    biggest = max(float(a.abs().max()), float(b_t.abs().max()))
+    if biggest > MAX_ABS_WEIGHT:
+        raise AdapterValidationError(
+            f"{who}: {name} has a weight of magnitude {biggest:g} (lora_A, or lora_B x scale {plan.scale:g}), "
+            f"above the limit {MAX_ABS_WEIGHT:g}"
+        )
     return LoRAModuleWeights(layer=plan.layer, module=plan.module, rank=plan.rank, a=a, b_t=b_t, scale=plan.scale)
 
 
-def _content_hash(st_file: Path, config: PeftLoraConfig) -> str:
-    h = hashlib.sha256()
-    with st_file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+def _content_hash(digest: Any, config: PeftLoraConfig) -> str:
+    h = digest.copy()  # sha256 of the safetensors bytes that were loaded
     h.update(b"\0adapter_config\0")
     h.update(json.dumps(attrs.asdict(config), sort_keys=True).encode())
     return h.hexdigest()

@@ -2,7 +2,9 @@
 
 Target-module matching, `rank_pattern`/`alpha_pattern` lookup and `layers_to_transform` mirror PEFT
 0.21 (`peft.tuners.tuners_utils.check_target_module_exists`, `peft.utils.other.get_pattern_key`), so
-an adapter gets exactly the ranks and scales PEFT would give it.
+an adapter gets exactly the ranks and scales PEFT would give it. Every regex from the config is checked
+and matched through `chameleon.lora.safe_regex` (complexity guard + match timeout), so a hostile
+pattern gets `UnsafeAdapterPatternError` instead of freezing the process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any, TypeVar
 
 import attrs
 
-from chameleon.errors import AdapterLoadError, AdapterValidationError, UnsupportedAdapterError
+from chameleon.errors import (
+    AdapterLoadError,
+    AdapterValidationError,
+    UnsafeAdapterPatternError,
+    UnsupportedAdapterError,
+)
+from chameleon.lora import safe_regex
 from chameleon.model.geometry import TARGET_MODULES
 
 EMBEDDING_MODULES: tuple[str, ...] = ("embed_tokens", "lm_head")
@@ -67,7 +75,7 @@ class PeftLoraConfig:
         if isinstance(tm, str):
             if tm.lower() == "all-linear":  # every nn.Linear except the output embedding
                 return module_name.rsplit(".", 1)[-1] in TARGET_MODULES and module_name not in _EMBEDDING_NAMES
-            return re.fullmatch(tm, module_name) is not None
+            return safe_regex.fullmatch(tm, module_name)
         if module_name in tm:  # an exact full name skips the layer filter, as in PEFT
             return True
         if not any(module_name.endswith(f".{t}") for t in tm):
@@ -79,7 +87,7 @@ class PeftLoraConfig:
         if not ex:
             return False
         if isinstance(ex, str):
-            return re.fullmatch(ex, module_name) is not None
+            return safe_regex.fullmatch(ex, module_name)
         return module_name in ex or any(module_name.endswith(f".{e}") for e in ex)
 
     def _layer_selected(self, module_name: str) -> bool:
@@ -92,10 +100,14 @@ class PeftLoraConfig:
         return layer == idx if isinstance(idx, int) else layer in idx
 
 
+def _layers_regex(layers_pattern: str) -> str:
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
+
+
 def _pattern_value(pattern: tuple[tuple[str, _T], ...], module_name: str, default: _T) -> _T:
     # peft.utils.other.get_pattern_key: the first key with re.match(rf"(.*\.)?({key})$", name) wins.
     for key, value in pattern:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if safe_regex.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
 
@@ -108,7 +120,7 @@ def _peft_layer_index(module_name: str, layers_pattern: str | tuple[str, ...] | 
         patterns = (layers_pattern,) if isinstance(layers_pattern, str) else layers_pattern
         m = None
         for p in patterns:
-            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module_name)
+            m = safe_regex.match(_layers_regex(p), module_name)
             if m is not None:
                 break
     return int(m.group("idx")) if m else None
@@ -177,6 +189,19 @@ def _load_json(cfg_file: Path, who: str) -> dict[str, Any]:
 
 
 def _parse_config(raw: Mapping[str, Any], who: str) -> PeftLoraConfig:
+    try:
+        return _parse_config_fields(raw, who)
+    except UnsafeAdapterPatternError as e:
+        raise with_who(e, who) from e
+
+
+def with_who(error: UnsafeAdapterPatternError, who: str) -> UnsafeAdapterPatternError:
+    """The error with the adapter named in front (match-time errors do not know the adapter)."""
+    text = str(error)
+    return error if text.startswith(who) else UnsafeAdapterPatternError(f"{who}: {text}")
+
+
+def _parse_config_fields(raw: Mapping[str, Any], who: str) -> PeftLoraConfig:
     if raw.get("peft_type") != "LORA":
         raise UnsupportedAdapterError(f"{who}: peft_type is {raw.get('peft_type')!r}, expected 'LORA'")
     _refuse_unsupported(raw, who)
@@ -227,7 +252,7 @@ def _parse_targets(value: Any, who: str) -> str | tuple[str, ...]:
     if isinstance(value, str):
         if value.lower() != "all-linear":
             _compile(value, "target_modules", who)
-            embeds = [n for n in _EMBEDDING_NAMES if re.fullmatch(value, n)]
+            embeds = [n for n in _EMBEDDING_NAMES if safe_regex.fullmatch(value, n)]
             if embeds:
                 raise UnsupportedAdapterError(f"{who}: embedding LoRA is not supported, target_modules "
                                               f"{value!r} matches {embeds}")
@@ -254,6 +279,9 @@ def _check_peft_invariants(config: PeftLoraConfig, who: str) -> None:
         raise AdapterLoadError(f"{who}: layers_pattern={config.layers_pattern!r} requires layers_to_transform")
     if isinstance(config.exclude_modules, str):
         _compile(config.exclude_modules, "exclude_modules", who)
+    patterns = (config.layers_pattern,) if isinstance(config.layers_pattern, str) else config.layers_pattern or ()
+    for p in patterns:
+        _compile(_layers_regex(p), f"layers_pattern {p!r}", who)
 
 
 def _positive_int(value: Any, field: str, who: str) -> int:
@@ -307,9 +335,5 @@ def _pattern(value: Any, field: str, who: str, parse: Any) -> tuple[tuple[str, A
 
 
 def _compile(pattern: str, what: str, who: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise AdapterLoadError(f"{who}: {what} is not a valid regex: {e}") from e
-
-
+    # Invalid -> AdapterLoadError; too complex to match in bounded time -> UnsafeAdapterPatternError.
+    safe_regex.check_pattern(pattern, what, who)
