@@ -200,9 +200,11 @@ class EngineCore(Generic[AdapterT]):
     def _new_detokenizer(self, prompt: list[int], sampling: SamplingParams) -> Detokenizer:
         from chameleon.engine.detokenizer import IncrementalDetokenizer  # transformers: only with a tokenizer
 
-        return IncrementalDetokenizer(  # type: ignore[call-arg, arg-type, no-any-return]  # attrs: custom __init__
+        make: Any = IncrementalDetokenizer  # attrs class with a hand-written __init__ mypy cannot see
+        detokenizer: Detokenizer = make(
             self.tokenizer, prompt, stop=sampling.stop, include_stop_str_in_output=sampling.include_stop_str_in_output
         )
+        return detokenizer
 
     # --- adapters -------------------------------------------------------------------------------
 

@@ -203,7 +203,7 @@ class TorchExecutor:
         # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
         items = sorted(step.sequences, key=lambda s: self._adapter_order(s.adapter))
         if self._pending:
-            for name in {s.adapter for s in items} & self._pending.keys():
+            for name in {s.adapter for s in items if s.adapter is not None} & self._pending.keys():
                 self._pending.pop(name).result()  # a prefetched adapter this batch needs must be complete
         for seq in items:
             n, start = len(seq.token_ids), seq.start_pos

@@ -455,7 +455,8 @@ def _sweep_with_progress(bench: Bench, policies: Sequence[str], rates: Sequence[
     from tqdm import tqdm
 
     total = sum(len(bench.workload(r)) for r in rates) * len(policies)
-    with tqdm(total=total, unit="req", disable=bench.args.no_progress, dynamic_ncols=True) as bar:
+    progress: tqdm[int] = tqdm(total=total, unit="req", disable=bench.args.no_progress, dynamic_ncols=True)
+    with progress as bar:
         bench.bar = bar
         try:
             return bench.sweep(policies, rates)

@@ -156,7 +156,7 @@ def _fit_steps(samples: Sequence[StepSample]) -> tuple[dict[str, float], list[fl
     """Fit the unified step-cost form; returns the profile's fields and the sorted measured /
     fitted ratios of the steps."""
     has_prefill = [1.0 if s.shape.prefill_seqs else 0.0 for s in samples]
-    columns = [
+    columns: list[list[float]] = [
         [1.0] * len(samples),
         has_prefill,
         [s.shape.prefill_tokens for s in samples],
@@ -173,7 +173,7 @@ def _fit_steps(samples: Sequence[StepSample]) -> tuple[dict[str, float], list[fl
         decode_d_s_per_seq=d,
         decode_e_s_per_ctx_token=e,
     )
-    model = CostProfile(**fields)
+    model = CostProfile(**fields)  # type: ignore[arg-type]  # all six are float fields
     ratios = sorted(s.cost_s / p for s in samples if (p := model.iteration_s(s.shape)) > 0)
     return fields, ratios
 

@@ -64,6 +64,10 @@ HEADLINE_KEYS: tuple[str, ...] = (
 )
 
 
+def _float_tuple(values: Iterable[float]) -> tuple[float, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class RequestRecord:
     """What an engine run records per request (finished or not)."""
@@ -76,7 +80,7 @@ class RequestRecord:
     finish_s: float | None
     prompt_len: int
     output_len: int  # tokens generated
-    token_times_s: tuple[float, ...] = attrs.field(default=(), converter=tuple)  # time of each generated token
+    token_times_s: tuple[float, ...] = attrs.field(default=(), converter=_float_tuple)  # time of each generated token
     finish_reason: str = "length"
 
     @property

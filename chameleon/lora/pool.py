@@ -44,18 +44,18 @@ class LoRAPool:
         if self._a:
             return
         shapes = self.base.module_shapes
-        kw = dict(device=self.device, dtype=self.dtype)
+        dev, dt = self.device, self.dtype
         for _ in range(self.base.num_layers):
             a: dict[str, torch.Tensor] = {}
             groups: dict[tuple[str, ...], torch.Tensor] = {}
             for group in SHARED_INPUT_GROUPS:
                 if len({shapes[m][0] for m in group}) == 1:
-                    groups[group] = torch.zeros(self.capacity_rows, len(group), shapes[group[0]][0], **kw)
+                    groups[group] = torch.zeros(self.capacity_rows, len(group), shapes[group[0]][0], device=dev, dtype=dt)
                     a.update({m: groups[group][:, i] for i, m in enumerate(group)})
-            a.update({m: torch.zeros(self.capacity_rows, shapes[m][0], **kw) for m in TARGET_MODULES if m not in a})
+            a.update({m: torch.zeros(self.capacity_rows, shapes[m][0], device=dev, dtype=dt) for m in TARGET_MODULES if m not in a})
             self._a.append(a)
             self._a_groups.append(groups)
-            self._b.append({m: torch.zeros(self.capacity_rows, shapes[m][1], **kw) for m in TARGET_MODULES})
+            self._b.append({m: torch.zeros(self.capacity_rows, shapes[m][1], device=dev, dtype=dt) for m in TARGET_MODULES})
 
     def load(self, adapter: LoRAAdapter, row: int) -> None:
         self.allocate()

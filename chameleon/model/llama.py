@@ -155,6 +155,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    rope_cos: torch.Tensor  # buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
         self.spec = spec

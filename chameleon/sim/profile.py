@@ -34,6 +34,10 @@ _PROFILE_KIND = "chameleon.cost_profile"
 _PROFILE_VERSION = 1
 
 
+def _float_tuple(values: Iterable[float]) -> tuple[float, ...]:
+    return tuple(values)
+
+
 @attrs.frozen(kw_only=True)
 class CostProfile:
     """Iteration and load times fitted to measurements of a real executor (`chameleon calibrate`).
@@ -63,7 +67,7 @@ class CostProfile:
     load_Bps: float = math.inf
     # Measured / predicted time of the calibration steps, sorted (at most 512 order statistics):
     # the spread of step times around the fitted forms. Empty: deterministic.
-    step_time_ratios: tuple[float, ...] = attrs.field(default=(), converter=tuple)
+    step_time_ratios: tuple[float, ...] = attrs.field(default=(), converter=_float_tuple)
     engine: ProfileEngine | None = None
     meta: Mapping[str, Any] = attrs.field(factory=dict)
 

@@ -154,7 +154,11 @@ def queue_cutoffs(
     return tuple((lo + hi) / 2 for lo, hi in zip(centroids, centroids[1:]))
 
 
-def _increasing_cutoffs(_inst: object, _attribute: attrs.Attribute[object], value: tuple[float, ...]) -> None:
+def _float_tuple(values: Iterable[float]) -> tuple[float, ...]:
+    return tuple(values)
+
+
+def _increasing_cutoffs(_inst: object, _attribute: attrs.Attribute[tuple[float, ...]], value: tuple[float, ...]) -> None:
     if not all(math.isfinite(c) for c in value):
         raise ValueError(f"cut-offs must be finite, got {value!r}")
     if any(b <= a for a, b in zip(value, value[1:])):
@@ -165,7 +169,7 @@ def _increasing_cutoffs(_inst: object, _attribute: attrs.Attribute[object], valu
 class QueueLayout:
     """Queue boundaries over WRS: queue 0 holds the smallest requests; `len(cutoffs) + 1` queues."""
 
-    cutoffs: tuple[float, ...] = attrs.field(default=(), converter=tuple, validator=_increasing_cutoffs)
+    cutoffs: tuple[float, ...] = attrs.field(default=(), converter=_float_tuple, validator=_increasing_cutoffs)
 
     @property
     def num_queues(self) -> int:

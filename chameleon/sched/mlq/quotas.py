@@ -25,7 +25,7 @@ def mm1_min_tokens(
     return max_request_tokens * expected_service_time_s * (1.0 / slo_s + arrival_rate)
 
 
-def _non_negative_finite(_inst: object, attribute: attrs.Attribute[object], value: float) -> None:
+def _non_negative_finite(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"QueueStats.{attribute.name} must be finite and >= 0, got {value!r}")
 
