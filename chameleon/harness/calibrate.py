@@ -1,48 +1,6 @@
 """`chameleon calibrate`: measure the real engine on this machine and write a `CostProfile`.
 
-The profile lets the simulator stand in for this machine (`chameleon bench --profile`), and
-comparing the two on the same workload is how we check that the simulator is honest.
-
-How step costs are measured — in situ, not in a tight loop
------------------------------------------------------------
-A first version timed isolated prefills and decodes back to back. On this CPU that underestimated
-prefill steps of a real run by ~25%: repeated identical steps run with warm caches, while in a
-run a prefill follows decode steps of other shapes and the driver's own work. So the step costs
-are fitted to the steps of real open-loop runs instead, driven by the same `run_workload` that
-benchmarks use:
-
-1. a burst (`burst` requests arriving at once) measures the engine's capacity in requests/s and
-   gives large batches;
-2. Poisson runs at `load_fractions` of that capacity (`requests_per_run` each) give the mix of
-   prefill, decode and mixed steps an open-loop run has;
-3. every step's *cost* = its `EngineCore.step()` time + the driver time since the previous step
-   when the engine stayed busy in between (submitting arrivals, recording outputs: work a
-   simulated run does in zero virtual time, so it must be charged to the iteration);
-4. non-negative least squares of the *relative* error over all steps (so that the many small
-   steps that decide TTFT count as much as the few big ones of the burst) of the unified form
-   `cost = c0 + c1·[has prefill] + b·prefill tokens + q·prefill (query, key) pairs
-   + d·sequences + e·decode context tokens`, which is the profile's
-   `prefill_s = a + b·T + q·pairs` (a = c0 + c1 + d), `decode_s = c + d·S + e·ctx` (c = c0).
-   (An absolute least-squares fit was tried first: the burst's big steps decided it and small
-   prefill steps came out ~25% too slow, simulated P50 TTFT +80% after the engine's CPU path got
-   faster; the relative fit gave +9% / +14%.)
-5. optionally (`variability=True`), the measured / fitted ratio of every step, winsorized at the
-   1st and 99th percentiles, is stored in `step_time_ratios`, and the simulator multiplies each
-   iteration by a draw from it. Off by default: much of that spread is shape-dependent misfit,
-   not noise, and drawing it independently per step overstated queueing here (simulated P99
-   TTFT +64% / +76% with it, −4% / −3% without, on quiet runs).
-
-Lengths of the calibration workload: prompts uniform in [1, `max_prompt_len`], outputs in
-`output_range`; its seed differs from any benchmark's default on purpose.
-
-LoRA and adapter loads keep controlled microbenchmarks (their effect is a *difference*, measured
-interleaved in the same conditions): a synthetic PEFT adapter (random, rank `lora_rank`, on q,k,v,o,
-written to a temporary directory and read by the normal loader) prefilled at two prompt lengths
-against the same prefill without it; the extra time solves `f·T·r + g` (per token·rank, per adapter
-segment). Load bandwidth = device bytes / median `executor.load_adapter` time (after a warming load).
-
-The profile also records the engine's sizes (KV blocks, pool rows, limits) so the simulator mirrors
-the profiled engine, and in `meta` the fit's residuals and the capacity found.
+Every rule and its reason: `docs/simulator.md` (Calibration against the real engine).
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Drive an engine core with a workload, open loop, and record what happened to every request.
 
-`run_workload` is the one driver for simulated *and* real runs; it only needs a `Clock`:
-
-* Requests are submitted when the clock reaches their arrival (`workload` times are offsets from
-  the start of the run), with `arrival_time` = their *scheduled* arrival, so a driver that falls
-  behind is charged to TTFT rather than hidden (open loop: arrivals never wait for the engine).
-* With a `ManualClock` (the simulator) time only moves inside the executor; when the engine has
-  nothing to run, the driver jumps the clock to the next arrival. With any other clock (wall
-  time), the driver sleeps until then instead.
-* Every output's tokens are stamped with `clock.now()` right after the step that produced them;
-  the core stamps first-scheduled, first-token and finish times with the same clock.
-* Prompts are `prompt_len` copies of token id 1 (valid for every vocabulary; contents do not
-  matter to the cost), and requests generate exactly `output_len` tokens (`ignore_eos`, greedy).
-* A request the engine refuses (e.g. a prompt longer than the model allows) is recorded as
-  aborted without a first token, so it counts as a TTFT miss. If the engine stops making
-  progress with nothing left to arrive, the remaining requests are aborted the same way.
-
-`POLICIES` names the combinations of scheduler and adapter cache that benchmarks compare.
+Every rule and its reason: `docs/workloads.md` (The open-loop driver).
 """
 
 from __future__ import annotations

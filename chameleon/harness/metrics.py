@@ -1,35 +1,6 @@
 """Serving metrics: per-request records in, one `RunSummary` out. Pure Python + numpy.
 
-Definitions chosen here (all times in seconds, from the engine's clock)
-----------------------------------------------------------------------
-* **percentile(values, q)**: q in [0, 100], linear interpolation between closest ranks — numpy's
-  default `method="linear"`: sort, h = (n-1)·q/100, v[⌊h⌋] + (h-⌊h⌋)·(v[⌈h⌉]-v[⌊h⌋]). NaN for no
-  values. Infinite values are allowed and ordered last (an interpolation that touches +inf is +inf).
-* **served** request: has a first token. **finished** request: `finish_s` is set and
-  `finish_reason != "abort"`.
-* **TTFT** = first_token_s - arrival_s. A request with *no* first token (still queued when the run
-  ended, or aborted before its first token) counts as TTFT = +inf: it missed every TTFT target, and
-  leaving it out would make an overloaded run look good. So P99 TTFT is +inf as soon as more than
-  ~1% of the requests were never served.
-* **TBT** samples = gaps between consecutive `token_times_s` of a request (the first token's
-  gap is TTFT, not TBT), pooled over all requests (vLLM's "inter-token latency"). Records without
-  token times contribute no TBT samples.
-* **own TBT of a request** (for SLO attainment) = P99 of its own gaps; with no token times but a
-  finished multi-token request, the mean gap (finish - first_token)/(output_len - 1) stands in; with
-  fewer than two tokens the TBT condition holds vacuously.
-* **queue_share** = mean over served requests with `first_scheduled_s` and TTFT > 0 of
-  (first_scheduled_s - arrival_s) / TTFT: the fraction of time-to-first-token spent waiting before
-  the scheduler first admitted the request (the rest is adapter loading + prefill).
-  `queue_share_e2e` is the same over finished requests with end-to-end latency (finish - arrival).
-* **makespan** (`duration_s`) = latest finish_s - earliest arrival_s over all records (0 if none
-  finished). **throughput_rps** = finished requests / makespan; **tokens_per_s** = Σ output_len of
-  finished requests / makespan (`output_len` = tokens the request generated).
-* **slo_attainment** = fraction of *all* records that finished with TTFT ≤ slo_ttft_s and own TBT ≤
-  slo_tbt_s (unfinished or aborted requests count as misses). This is the usual "goodput" fraction;
-  the paper reports the SLOs (TTFT 5 s, TBT 150 ms) without a finer definition.
-* **throughput_at_slo**: highest request rate whose P99 TTFT ≤ slo_ttft_s (the paper's "throughput
-  at SLO"); see its docstring for the search.
-* `adapter_hit_rate` is passed in from the adapter cache's statistics (hits / lookups).
+Every rule and its reason: `docs/workloads.md` (Metrics).
 """
 
 from __future__ import annotations

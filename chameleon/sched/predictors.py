@@ -1,48 +1,6 @@
 """Output-length predictors: pure policy code behind one `OutputLengthPredictor` protocol.
 
-The MLQ scheduler sizes a request before it runs (paper §4.3: a BERT proxy that is ~80% accurate).
-This module holds the pluggable replacements. Nothing here imports torch, the model or anything
-async, so the engine and the simulator run the same code.
-
-Rules every predictor follows
------------------------------
-* A prediction is an int >= 1, clamped to the request's `max_tokens` when it has one (the engine
-  never generates more than that, so predicting more only inflates the request's size).
-* `observe(item, output_len)` is told the real length of a finished request. Predictors that do not
-  learn ignore it.
-
-`HistoryPredictor` (the default, online)
-----------------------------------------
-* Prompt lengths are bucketed on a log2 scale: bucket = `prompt_len.bit_length()`, so bucket 0 is
-  the empty prompt, 1 is length 1, 2 is 2..3, 3 is 4..7, ..., b is 2**(b-1)..2**b - 1.
-* Four history levels, finest first: (adapter, bucket) -> adapter -> bucket (all adapters) ->
-  global. The base model (adapter None) is an adapter of its own for this purpose. Each level keeps
-  a bounded window of the last `window` observed lengths.
-* A prediction is the `quantile` (nearest-rank, lower: the value at sorted index
-  `ceil(q * n) - 1`, index 0 for q = 0) of the finest level holding >= `min_samples` observations;
-  when none does, it is `prior`. Then it is clamped as above.
-* Observed lengths are taken as they are: lengths cut by `max_tokens` are not un-censored.
-* Cost: `observe` is O(window) (a sorted copy of every window is kept up to date with bisect);
-  `predict` is O(1) per level.
-
-`OraclePredictor` returns `true_output_len` (simulation only) and raises `MissingTrueLengthError`
-when an item does not carry it.
-
-`NoisyOraclePredictor` -- what "accuracy" means
-------------------------------------------------
-A prediction is *accurate* when it is within +-`tolerance` (default 10%) of the true length:
-`|pred - true| <= tolerance * true`. With probability `accuracy` the predictor returns the true
-length exactly; otherwise it returns a length *outside* that band: it picks "over" or "under" with
-equal probability, draws a relative error `e` uniformly from (tolerance, max_over_error] (over,
-default 1.0, i.e. up to 2x) or (tolerance, max_under_error] (under, default 0.9, i.e. down to 0.1x),
-and returns `round(true * (1 +- e))`, nudged outward by whole tokens if rounding fell back inside
-the band. A side that cannot hold a wrong answer (under: nothing below the band is >= 1; over:
-`max_tokens` caps it inside the band) is skipped; when neither side can, the true length is returned
-(for example true length 1 with `max_tokens` 1). So the measured fraction of accurate predictions
-equals `accuracy` in expectation whenever wrong answers exist.
-The randomness is a `random.Random` seeded with the string f"{seed}:{request_id}" (Python seeds
-string seeds through SHA-512, stable across runs and processes): a request always gets the same
-prediction, whatever order requests are predicted in.
+Every rule and its reason: `docs/scheduling.md` (Output-length predictors).
 """
 
 from __future__ import annotations
