@@ -1,4 +1,4 @@
-"""`chameleon` / `python -m chameleon`: the command line. Subcommands: demo, bench, calibrate."""
+"""`chameleon` / `python -m chameleon`: the command line. Subcommands: demo, bench, calibrate, serve."""
 
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_calibrate_arguments(
         sub.add_parser("calibrate", help="profile the real executor here and write a cost profile for the simulator")
     )
+    from chameleon.serve.main import add_serve_arguments, run_serve
+
+    add_serve_arguments(sub.add_parser("serve", help="serve the OpenAI API (completions, chat, LoRA adapters)"))
     args = parser.parse_args(argv)
     from chameleon.errors import ChameleonError
 
@@ -86,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bench(args)
         elif args.command == "calibrate":
             return run_calibrate(args)
+        elif args.command == "serve":
+            return run_serve(args)
     except ChameleonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

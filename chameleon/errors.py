@@ -26,6 +26,14 @@ class PromptTooLongError(InvalidRequestError):
     """Prompt plus `max_tokens` cannot fit in `max_model_len`, or the KV cache could never hold it."""
 
 
+class ChatTemplateError(InvalidRequestError):
+    """Chat messages cannot be rendered: no tokenizer, no chat template, or the template failed."""
+
+
+class EngineOverloadedError(ChameleonError):
+    """Too many requests are queued; retry later (HTTP 429)."""
+
+
 class EngineClosedError(ChameleonError, RuntimeError):
     """A request reached an engine that is closed or not started."""
 
