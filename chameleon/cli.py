@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="stream several chat answers concurrently from a small real model")
     demo.add_argument("--model", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("questions", nargs="*", help="questions to ask (default: four built-in ones)")
+    demo.add_argument("questions", nargs="*", help="questions to ask (default: built-in ones)")
+    demo.add_argument("--base-only", action="store_true", help="several questions to the base model, no adapters")
+    demo.add_argument("--steps", type=int, default=16, help="training steps per demo adapter (cached)")
     from chameleon.bench import add_bench_arguments, run_bench
     from chameleon.calibrate import add_calibrate_arguments, run_calibrate
 
@@ -83,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from chameleon.errors import ChameleonError
 
     try:
-        if args.command == "demo":
+        if args.command == "demo" and not args.base_only:
+            from chameleon.demo.run import DEFAULT_QUESTION, run_adapter_demo
+
+            question = " ".join(args.questions) or DEFAULT_QUESTION
+            anyio.run(run_adapter_demo, question, args.max_tokens, args.steps, args.model)
+        elif args.command == "demo":
             anyio.run(run_demo, args.model, args.max_tokens, args.questions or DEMO_QUESTIONS)
         elif args.command == "bench":
             return run_bench(args)
