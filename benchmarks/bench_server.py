@@ -17,18 +17,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import anyio  # noqa: E402
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-from _peer_assets import PROMPT_TEXTS  # noqa: E402
+import anyio
+import httpx
+import uvicorn
+from _peer_assets import PROMPT_TEXTS
 
-from chameleon import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
-from chameleon.metrics import percentile  # noqa: E402
-from chameleon.serve import build_app  # noqa: E402
+from chameleon import AsyncEngine, EngineConfig, SamplingParams
+from chameleon.metrics import percentile
+from chameleon.serve import build_app
 
 Result = tuple[float, list[float], int]  # wall seconds, TTFTs, tokens
 
@@ -59,8 +58,14 @@ async def run_library(model: str, prompts: list[str], max_tokens: int, adapter: 
 async def run_clients(url: str, model: str, prompts: list[str], max_tokens: int) -> Result:
     ttfts: list[float] = []
     tokens = [0]
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
     async def one(client: httpx.AsyncClient, prompt: str) -> None:
         start, first = time.perf_counter(), True
@@ -102,9 +107,15 @@ def run_server(model: str, prompts: list[str], max_tokens: int, adapter: tuple[s
 
 def report(name: str, r: Result) -> dict[str, float]:
     wall, ttfts, tokens = r
-    row = {"tok_s": tokens / wall, "ttft_p50_ms": percentile(ttfts, 50) * 1000, "ttft_p99_ms": percentile(ttfts, 99) * 1000}
-    print(f"{name:8s} {tokens:6d} tokens in {wall:6.2f} s = {row['tok_s']:7.1f} tok/s   "
-          f"TTFT P50 {row['ttft_p50_ms']:7.1f} ms  P99 {row['ttft_p99_ms']:7.1f} ms")
+    row = {
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": percentile(ttfts, 50) * 1000,
+        "ttft_p99_ms": percentile(ttfts, 99) * 1000,
+    }
+    print(
+        f"{name:8s} {tokens:6d} tokens in {wall:6.2f} s = {row['tok_s']:7.1f} tok/s   "
+        f"TTFT P50 {row['ttft_p50_ms']:7.1f} ms  P99 {row['ttft_p99_ms']:7.1f} ms"
+    )
     return row
 
 
@@ -122,8 +133,10 @@ def main() -> None:
     prompts = [PROMPT_TEXTS[i % len(PROMPT_TEXTS)] for i in range(args.clients)]
     lib = report("library", anyio.run(run_library, model, prompts, args.max_tokens, adapter))
     srv = report("server", run_server(model, prompts, args.max_tokens, adapter))  # type: ignore[arg-type]
-    print(f"server / library: tok/s x{srv['tok_s'] / lib['tok_s']:.2f}, "
-          f"TTFT P99 x{srv['ttft_p99_ms'] / lib['ttft_p99_ms']:.2f}")
+    print(
+        f"server / library: tok/s x{srv['tok_s'] / lib['tok_s']:.2f}, "
+        f"TTFT P99 x{srv['ttft_p99_ms'] / lib['ttft_p99_ms']:.2f}"
+    )
 
 
 if __name__ == "__main__":

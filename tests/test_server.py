@@ -23,8 +23,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from chameleon import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
-from chameleon.serve import build_app  # noqa: E402
+from chameleon import AsyncEngine, EngineConfig, SamplingParams
+from chameleon.serve import build_app
 
 KEY = "test-key"
 BASE = "tiny-base"
@@ -119,8 +119,13 @@ def library_text(long_llama: Path, adapters: dict[str, Path]) -> str:
 
 def test_streaming_chat_with_adapter_matches_library(client: openai.OpenAI, library_text: str) -> None:
     stream = client.chat.completions.create(
-        model="a8", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model="a8",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -135,23 +140,28 @@ def test_streaming_chat_with_adapter_matches_library(client: openai.OpenAI, libr
 
 
 def test_completions_and_n_choices(client: openai.OpenAI) -> None:
-    out = client.completions.create(model=BASE, prompt="The sea is", max_tokens=5, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=BASE, prompt="The sea is", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.object == "text_completion" and out.choices[0].finish_reason == "length"
     assert out.usage is not None and out.usage.completion_tokens == 5
-    many = client.completions.create(model=BASE, prompt="The sea is", max_tokens=6, temperature=1.0, n=3, seed=7,
-                                     extra_body={"ignore_eos": True})
+    many = client.completions.create(
+        model=BASE, prompt="The sea is", max_tokens=6, temperature=1.0, n=3, seed=7, extra_body={"ignore_eos": True}
+    )
     assert sorted(c.index for c in many.choices) == [0, 1, 2] and many.usage.completion_tokens == 18
-    again = client.completions.create(model=BASE, prompt="The sea is", max_tokens=6, temperature=1.0, n=3, seed=7,
-                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model=BASE, prompt="The sea is", max_tokens=6, temperature=1.0, n=3, seed=7, extra_body={"ignore_eos": True}
+    )
     assert [c.text for c in again.choices] == [c.text for c in many.choices]  # seed + i per choice
-    streamed = client.completions.create(model=BASE, prompt="The sea is", max_tokens=5, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True})
+    streamed = client.completions.create(
+        model=BASE, prompt="The sea is", max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
-def test_models_and_adapter_endpoints(served: tuple[str, AsyncEngine], client: openai.OpenAI,
-                                      adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_models_and_adapter_endpoints(
+    served: tuple[str, AsyncEngine], client: openai.OpenAI, adapters: dict[str, Path], tmp_path: Path
+) -> None:
     ids = {m.id: m for m in client.models.list().data}
     assert set(ids) == {BASE, "a8"} and ids["a8"].model_extra["parent"] == BASE
     with http(served) as h:
@@ -191,15 +201,23 @@ def test_error_shapes(served: tuple[str, AsyncEngine], client: openai.OpenAI) ->
 
 
 def _open_streams(h: httpx.Client, n: int) -> list[Any]:
-    body = {"model": "a8", "messages": MESSAGES, "max_tokens": LONG, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": "a8",
+        "messages": MESSAGES,
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     held = []
     for _ in range(n):
         cm = h.stream("POST", "/v1/chat/completions", json=body)
         resp = cm.__enter__()
         assert resp.status_code == 200
         lines = resp.iter_lines()
-        next(line for line in lines if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line)
+        next(
+            line for line in lines if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line
+        )
         held.append((cm, lines))  # keep the line iterator: dropping it closes the response
     return held
 
@@ -228,10 +246,22 @@ def test_metrics_parse_with_per_adapter_series(served: tuple[str, AsyncEngine], 
     with http(served, key=None) as h:
         text = h.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("request_success", "prompt_tokens", "generation_tokens", "time_to_first_token_seconds",
-                 "inter_token_latency_seconds", "num_requests_running", "num_requests_waiting",
-                 "kv_cache_usage_perc", "adapter_hits", "adapter_misses", "adapter_loads", "adapter_evictions",
-                 "lora_requests", "lora_requests_info"):
+    for name in (
+        "request_success",
+        "prompt_tokens",
+        "generation_tokens",
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "adapter_hits",
+        "adapter_misses",
+        "adapter_loads",
+        "adapter_evictions",
+        "lora_requests",
+        "lora_requests_info",
+    ):
         assert f"chameleon:{name}" in families, name
     lora = [s for s in families["chameleon:lora_requests"].samples if s.labels["lora_name"] == "a8"]
     assert {s.labels["state"] for s in lora} == {"running", "waiting"}

@@ -91,7 +91,9 @@ def _train_all(base_dir: Path, settings: TrainSettings, styles: Sequence[str], o
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    bar = tqdm(total=settings.steps * len(styles), desc="training demo adapters", disable=not progress, unit="step")
+    bar: Any = tqdm(
+        total=settings.steps * len(styles), desc="training demo adapters", disable=not progress, unit="step"
+    )
     for style in styles:
         examples = [_encode(tokenizer, m, settings.max_len) for m in load_dataset(style)]
         model = _train_one(model, examples, settings, out / style, bar, style)
@@ -104,8 +106,9 @@ def _train_one(model: Any, examples: list[tuple[Any, int]], s: TrainSettings, ou
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(s.seed)
-    config = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(s.target_modules), lora_dropout=0.0,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=s.rank, lora_alpha=s.alpha, target_modules=list(s.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=s.lr)
     peft_model.train()
@@ -116,7 +119,7 @@ def _train_one(model: Any, examples: list[tuple[Any, int]], s: TrainSettings, ou
         optimizer.zero_grad()
         bar.set_postfix(adapter=style, loss=f"{loss.item():.2f}")
         bar.update()
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return peft_model.unload()
 
 

@@ -105,8 +105,9 @@ def build_app(
     `adapter_roots` bound what /v1/load_lora_adapter may read; `max_queued_requests` caps the
     in-flight requests (429 beyond); `api_key` protects every /v1 route (Bearer).
     """
-    server = OpenAIServer(engine, served_model_name, [str(r) for r in adapter_roots], max_queued_requests,
-                          default_max_tokens)
+    server = OpenAIServer(
+        engine, served_model_name, [str(r) for r in adapter_roots], max_queued_requests, default_max_tokens
+    )
     app = FastAPI(title="Chameleon", lifespan=_lifespan(server, dict(adapters or {}), manage_engine))
     app.state.server = server
     _install_error_handlers(app, server)
@@ -138,8 +139,12 @@ def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key (send Authorization: Bearer KEY).",
-                           "authentication_error", "invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect or missing API key (send Authorization: Bearer KEY).",
+                "authentication_error",
+                "invalid_api_key",
+            )
 
     return check
 

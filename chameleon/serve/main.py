@@ -12,8 +12,13 @@ from chameleon.errors import ConfigError
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a local Hugging Face model directory")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="register an adapter at startup")
-    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                   help="directories /v1/load_lora_adapter may read adapters from (none: loading over HTTP is off)")
+    p.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directories /v1/load_lora_adapter may read adapters from (none: loading over HTTP is off)",
+    )
     p.add_argument("--served-model-name", help="the base model's name in the API (default: MODEL as given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

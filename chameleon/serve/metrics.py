@@ -56,12 +56,31 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.model_name = model_name
-        self.requests = Counter(f"{P}request_success", "Finished requests", [*labels, "finished_reason"], registry=self.registry)
+        self.requests = Counter(
+            f"{P}request_success", "Finished requests", [*labels, "finished_reason"], registry=self.registry
+        )
         self.prompt_tokens = Counter(f"{P}prompt_tokens", "Prompt tokens processed", labels, registry=self.registry)
         self.generation_tokens = Counter(f"{P}generation_tokens", "Tokens generated", labels, registry=self.registry)
-        self.ttft = Histogram(f"{P}time_to_first_token_seconds", "Time to first token", labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tbt = Histogram(f"{P}inter_token_latency_seconds", "Time between tokens", labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.rejected = Counter(f"{P}request_rejected", "Requests refused before reaching the engine", [*labels, "status"], registry=self.registry)
+        self.ttft = Histogram(
+            f"{P}time_to_first_token_seconds",
+            "Time to first token",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tbt = Histogram(
+            f"{P}inter_token_latency_seconds",
+            "Time between tokens",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            f"{P}request_rejected",
+            "Requests refused before reaching the engine",
+            [*labels, "status"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(stats, adapter_names, in_flight, model_name))
 
     def observe_finished(self, reason: str | None, prompt_tokens: int, generated: int) -> None:
@@ -109,7 +128,9 @@ class _EngineCollector:
         yield self._gauge("adapters_registered", "Adapters registered", s["adapters_registered"])
         yield self._gauge("adapters_resident", "Adapters resident on the device", s["adapters_resident"])
         for name in _CACHE_COUNTERS:
-            c = CounterMetricFamily(f"{P}adapter_{name}", f"Adapter cache {name.replace('_', ' ')}", labels=["model_name"])
+            c = CounterMetricFamily(
+                f"{P}adapter_{name}", f"Adapter cache {name.replace('_', ' ')}", labels=["model_name"]
+            )
             c.add_metric([self._model], s[f"adapter_{name}"])
             yield c
         names = sorted(set(self._adapter_names()) | {a for a in self._in_flight.running if a})
@@ -135,7 +156,9 @@ class _EngineCollector:
         running = ",".join(sorted(a for a, n in self._in_flight.running.items() if a and n > 0))
         waiting = ",".join(sorted(a for a, n in self._in_flight.waiting.items() if a and n > 0))
         g = GaugeMetricFamily(
-            f"{P}lora_requests_info", "Running and waiting adapters", labels=["running_lora_adapters", "waiting_lora_adapters"]
+            f"{P}lora_requests_info",
+            "Running and waiting adapters",
+            labels=["running_lora_adapters", "waiting_lora_adapters"],
         )
         g.add_metric([running, waiting], time.time())
         return g

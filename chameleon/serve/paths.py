@@ -19,13 +19,23 @@ def resolve_adapter_path(path: str, roots: Sequence[str]) -> str:
     """
     real_roots = [os.path.realpath(r) for r in roots]
     if not real_roots:
-        raise APIError(403, "loading adapters over the API is disabled (start the server with --adapter-root DIR)",
-                       "permission_error", "adapter_root_required", "lora_path")
+        raise APIError(
+            403,
+            "loading adapters over the API is disabled (start the server with --adapter-root DIR)",
+            "permission_error",
+            "adapter_root_required",
+            "lora_path",
+        )
     candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in real_roots]
     inside = [c for c in (os.path.realpath(c) for c in candidates) if any(_under(c, r) for r in real_roots)]
     if not inside:
-        raise APIError(403, "lora_path is outside the allowed adapter roots", "permission_error",
-                       "adapter_path_forbidden", "lora_path")
+        raise APIError(
+            403,
+            "lora_path is outside the allowed adapter roots",
+            "permission_error",
+            "adapter_path_forbidden",
+            "lora_path",
+        )
     for real in inside:
         if os.path.isdir(real):
             return real
