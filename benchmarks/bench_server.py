@@ -2,9 +2,8 @@
 
     python benchmarks/bench_server.py [--model DIR] [--clients 8] [--max-tokens 32] [--adapter NAME=PATH]
 
-Library: `clients` concurrent `engine.generate` streams. Server: a real uvicorn server (in a
-thread, `build_app` over its own engine) and `clients` concurrent streaming HTTP clients (httpx,
-SSE). Same prompts, greedy, EOS ignored, so both sides generate the same tokens. Prints tokens/s
+Library: `clients` concurrent `engine.generate` streams (after one warm-up request). Server:
+`chameleon serve` in its own process and `clients` concurrent streaming HTTP clients (httpx, SSE). Same prompts, greedy, EOS ignored, so both sides generate the same tokens. Prints tokens/s
 and P50/P99 TTFT (client-side, wall clock) for both, and server / library ratios.
 """
 
@@ -13,21 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anyio
+import attrs
 import httpx
-import uvicorn
 from _peer_assets import PROMPT_TEXTS
 
 from chameleon import AsyncEngine, EngineConfig, SamplingParams
 from chameleon.metrics import percentile
-from chameleon.serve import build_app
 
 Result = tuple[float, list[float], int]  # wall seconds, TTFTs, tokens
 
@@ -39,6 +39,8 @@ async def run_library(model: str, prompts: list[str], max_tokens: int, adapter: 
         if adapter:
             await engine.add_adapter(*adapter)
         sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        async for _ in engine.generate(prompts[0], attrs.evolve(sp, max_tokens=2)):  # warm-up
+            pass
 
         async def one(prompt: str) -> None:
             start, first = time.perf_counter(), True
@@ -90,19 +92,32 @@ async def run_clients(url: str, model: str, prompts: list[str], max_tokens: int)
 
 
 def run_server(model: str, prompts: list[str], max_tokens: int, adapter: tuple[str, str] | None) -> Result:
-    engine = AsyncEngine.from_pretrained(model, EngineConfig(dtype="float32"))
-    app = build_app(engine, served_model_name="base", adapters=dict([adapter]) if adapter else None)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    """`chameleon serve` in its own process (as deployed: no GIL shared with the clients)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "chameleon", "serve", model, "--served-model-name", "base", "--port", str(port)]
+    cmd += ["--log-level", "warning"] + (["--adapter", "=".join(adapter)] if adapter else [])
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
     try:
+        _wait_healthy(url, proc)
+        anyio.run(run_clients, url, adapter[0] if adapter else "base", prompts[:1], 2)  # warm-up
         return anyio.run(run_clients, url, adapter[0] if adapter else "base", prompts, max_tokens)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
 
 
 def report(name: str, r: Result) -> dict[str, float]:

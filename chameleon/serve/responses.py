@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import attrs
 
+from chameleon.errors import ChameleonError
 from chameleon.serve.runs import Run
 
 Kind = Literal["completion", "chat"]
@@ -74,9 +75,14 @@ async def sse_stream(env: Envelope, run: Run, include_usage: bool) -> AsyncItera
         if env.kind == "chat":
             for c in run.choices:
                 yield sse(_chunk(env, c.index, None, None, role=True))
-        async for index, out in run.events():
-            if out.delta or out.finished:
-                yield sse(_chunk(env, index, out.delta, out.finish_reason if out.finished else None))
+        try:
+            async for index, out in run.events():
+                if out.delta or out.finished:
+                    yield sse(_chunk(env, index, out.delta, out.finish_reason if out.finished else None))
+        except ChameleonError as exc:  # the headers are sent: report it in the stream, as vLLM does
+            yield sse({"error": {"message": str(exc), "type": "internal_error", "param": None, "code": 500}})
+            yield sse("[DONE]")
+            return
         if include_usage:
             yield sse({**env.head(chunk=True), "choices": [], "usage": usage(run)})
         yield sse("[DONE]")
