@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from chameleon import AsyncEngine, RequestStream
 from chameleon.chat import render_chat
@@ -173,7 +174,9 @@ def _install_error_handlers(app: FastAPI, server: OpenAIServer) -> None:
 
 async def _respond(env: Envelope, run: Run, stream: bool, include_usage: bool) -> Response:
     if stream:
-        return StreamingResponse(sse_stream(env, run, include_usage), media_type="text/event-stream")
+        # The background task also closes a run whose body never started (client gone at once).
+        body = sse_stream(env, run, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(run.aclose))
     await collect(run)
     return JSONResponse(full_body(env, run))
 
