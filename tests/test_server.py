@@ -159,6 +159,20 @@ def test_completions_and_n_choices(client: openai.OpenAI) -> None:
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
+def test_streaming_chat_n_choices_interleave(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="a8", messages=MESSAGES, max_tokens=5, temperature=0, n=2, stream=True, extra_body={"ignore_eos": True}
+    )
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1} and texts[0] == texts[1] and texts[0]  # greedy: the same answer twice
+
+
 def test_models_and_adapter_endpoints(
     served: tuple[str, AsyncEngine], client: openai.OpenAI, adapters: dict[str, Path], tmp_path: Path
 ) -> None:
