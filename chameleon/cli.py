@@ -1,4 +1,4 @@
-"""`chameleon` / `python -m chameleon`: the command line. Subcommands: demo, bench, calibrate."""
+"""`chameleon` / `python -m chameleon`: the command line. Subcommands: demo, bench, calibrate, serve."""
 
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="stream several chat answers concurrently from a small real model")
     demo.add_argument("--model", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("questions", nargs="*", help="questions to ask (default: four built-in ones)")
+    demo.add_argument("questions", nargs="*", help="questions to ask (default: built-in ones)")
+    demo.add_argument("--base-only", action="store_true", help="several questions to the base model, no adapters")
+    demo.add_argument("--steps", type=int, default=16, help="training steps per demo adapter (cached)")
     from chameleon.harness.bench import add_bench_arguments, run_bench
     from chameleon.harness.calibrate import add_calibrate_arguments, run_calibrate
 
@@ -76,16 +78,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_calibrate_arguments(
         sub.add_parser("calibrate", help="profile the real executor here and write a cost profile for the simulator")
     )
+    from chameleon.serve.main import add_serve_arguments, run_serve
+
+    add_serve_arguments(sub.add_parser("serve", help="serve the OpenAI API (completions, chat, LoRA adapters)"))
     args = parser.parse_args(argv)
     from chameleon.errors import ChameleonError
 
     try:
-        if args.command == "demo":
+        if args.command == "demo" and not args.base_only:
+            from chameleon.demo.run import DEFAULT_QUESTION, run_adapter_demo
+
+            question = " ".join(args.questions) or DEFAULT_QUESTION
+            anyio.run(run_adapter_demo, question, args.max_tokens, args.steps, args.model)
+        elif args.command == "demo":
             anyio.run(run_demo, args.model, args.max_tokens, args.questions or DEMO_QUESTIONS)
         elif args.command == "bench":
             return run_bench(args)
         elif args.command == "calibrate":
             return run_calibrate(args)
+        elif args.command == "serve":
+            return run_serve(args)
     except ChameleonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

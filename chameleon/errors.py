@@ -26,6 +26,10 @@ class PromptTooLongError(InvalidRequestError):
     """Prompt plus `max_tokens` cannot fit in `max_model_len`, or the KV cache could never hold it."""
 
 
+class ChatTemplateError(InvalidRequestError):
+    """Chat messages cannot be rendered: no tokenizer, no chat template, or the template failed."""
+
+
 class EngineClosedError(ChameleonError, RuntimeError):
     """A request reached an engine that is closed or not started."""
 

@@ -158,6 +158,21 @@ class AsyncEngine:
         self._poke()
         return RequestStream(self, request_id, receive)
 
+    def chat(
+        self,
+        messages: Sequence[Any],
+        sampling: SamplingParams | None = None,
+        *,
+        adapter: str | None = None,
+        chat_template: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """`generate()` on `messages` rendered by the chat template (see `chameleon.chat`)."""
+        from chameleon.chat import render_chat
+
+        prompt = render_chat(self.tokenizer, messages, chat_template)
+        return self.generate(prompt, sampling, request_id=request_id, adapter=adapter)
+
     def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with finish_reason "abort"."""
         self._queue_abort(request_id)
