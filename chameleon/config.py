@@ -8,6 +8,7 @@ import attrs
 
 from chameleon.errors import ConfigError
 from chameleon.sched.options import SchedulerOptions
+from chameleon.validate import positive_int
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -60,6 +61,9 @@ class EngineConfig:
     max_cpu_adapters: int | None = attrs.field(default=None, validator=_positive)  # host tier; None: all
     adapter_prefetch_depth: int = 8  # waiting requests whose adapters load ahead of admission; 0: off
     adapter_arrival_prefetch: bool = False  # prefetch for requests that have not arrived (predictor)
+    # Requests waiting for admission (queued in the front end or the scheduler) past which
+    # `generate()` raises `EngineOverloadedError` at once instead of growing memory without bound.
+    max_queued_requests: int = attrs.field(default=4096, validator=positive_int)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
     num_threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
 

@@ -34,6 +34,10 @@ class EngineStepError(ChameleonError, RuntimeError):
     """An iteration failed; the requests in that batch were aborted, the engine keeps serving."""
 
 
+class EngineOverloadedError(ChameleonError):
+    """Too many requests are queued (`EngineConfig.max_queued_requests`); retry later (HTTP 429)."""
+
+
 # --- models -------------------------------------------------------------------------------
 
 
@@ -77,6 +81,10 @@ class UnsupportedAdapterError(AdapterError):
 
 class AdapterValidationError(AdapterError):
     """The adapter does not fit the base model (shapes, rank limit, unknown modules, dtype)."""
+
+
+class AdapterQuarantinedError(AdapterError):
+    """The adapter failed to load and is quarantined; remove and re-add it to use it again."""
 
 
 class AdapterInUseError(AdapterError):
