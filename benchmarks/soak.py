@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import anyio  # noqa: E402
-from _machine import machine_line  # noqa: E402
+import anyio
+from _machine import machine_line
 
-from chameleon import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
+from chameleon import AsyncEngine, EngineConfig, SamplingParams
 
 
 def rss_mib() -> float:

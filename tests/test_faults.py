@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from chameleon import EngineConfig, SamplingParams
 from chameleon.engine.core import EngineCore
