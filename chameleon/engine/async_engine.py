@@ -28,7 +28,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from chameleon.clock import Clock
 from chameleon.config import EngineConfig
-from chameleon.engine.core import EngineCore, output_kind
+from chameleon.engine.checks import output_kind
+from chameleon.engine.core import EngineCore
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -250,9 +251,7 @@ class AsyncEngine:
         limit = self.core.config.max_queued_requests
         queued = len(self._adds) + self._core_waiting
         if queued >= limit:
-            raise EngineOverloadedError(
-                f"{queued} requests are queued (max_queued_requests={limit}); retry later"
-            )
+            raise EngineOverloadedError(f"{queued} requests are queued (max_queued_requests={limit}); retry later")
 
     def _check_adapter(self, adapter: object) -> None:
         if adapter is None:

@@ -15,17 +15,23 @@ import attrs
 
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.config import EngineConfig
-from chameleon.engine.stats import EngineStats
+from chameleon.engine.checks import (
+    check_adapter_usable,
+    check_fits,
+    check_request_id,
+    output_kind,
+    prompt_list,
+    try_load,
+)
+from chameleon.engine.sequence import sequence_input
+from chameleon.engine.stats import EngineStats, collect_stats
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
-    AdapterNotFoundError,
-    AdapterQuarantinedError,
     EngineStepError,
     InvalidRequestError,
-    PromptTooLongError,
 )
-from chameleon.executor.base import AdapterFault, AdapterT, Executor, SequenceInput, StepInput
+from chameleon.executor.base import AdapterFault, AdapterT, Executor, StepInput
 from chameleon.memory.adapter_cache import AdapterCache
 from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
@@ -34,7 +40,7 @@ from chameleon.outputs import AdapterInfo, FinishReason, RequestMetrics, Request
 from chameleon.sampling_params import SamplingParams
 from chameleon.sched import make_policy
 from chameleon.sched.request import Request, RequestStatus
-from chameleon.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from chameleon.sched.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -183,56 +189,14 @@ class EngineCore(Generic[AdapterT]):
         (registered, not quarantined), the vocabulary, and that prompt + `max_tokens` fits in
         `max_model_len` (else `PromptTooLongError`).
         """
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r:.80}")
+        check_request_id(request_id)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        self._check_adapter_usable(adapter)
+        check_adapter_usable(adapter, self.adapters)
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
-        prompt = self._prompt_list(request_id, prompt_token_ids)
-        max_len = self.limits.max_model_len
-        if len(prompt) >= max_len:
-            raise PromptTooLongError(
-                f"request {request_id!r}: prompt has {len(prompt)} tokens; max_model_len is "
-                f"{max_len}, which leaves no room to generate"
-            )
-        if sampling is not None and len(prompt) + sampling.max_tokens > max_len:
-            raise PromptTooLongError(
-                f"request {request_id!r}: prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) "
-                f"exceeds max_model_len ({max_len})"
-            )
-        return prompt
-
-    def _check_adapter_usable(self, adapter: object) -> None:
-        if adapter is None:
-            return
-        if not isinstance(adapter, str):
-            raise InvalidRequestError(f"adapter must be a string name or None, got {type(adapter).__name__}")
-        info = self.adapters.get(adapter)
-        if info is None:
-            raise AdapterNotFoundError(f"no adapter named {adapter!r} is registered (known: {sorted(self.adapters)})")
-        if info.broken:
-            raise AdapterQuarantinedError(
-                f"adapter {adapter!r} is quarantined after a failed load ({info.error}); remove and re-add it"
-            )
-
-    def _prompt_list(self, request_id: str, prompt_token_ids: object) -> list[int]:
-        """The prompt as a list of in-vocabulary ints; bytes, sets, dicts, bools, floats refused."""
-        if isinstance(prompt_token_ids, str | bytes | bytearray | memoryview) or not isinstance(
-            prompt_token_ids, Sequence
-        ):
-            raise InvalidRequestError(
-                f"request {request_id!r}: prompt token ids must be a list or tuple of ints, "
-                f"got {type(prompt_token_ids).__name__}"
-            )
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise InvalidRequestError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.limits.vocab_size
-        bad = [t for t in prompt if type(t) is not int or not 0 <= t < vocab]  # bools are not token ids
-        if bad:
-            raise InvalidRequestError(f"request {request_id!r}: token ids must be ints in [0, {vocab}): {bad[:5]!r:.200}")
+        prompt = prompt_list(request_id, prompt_token_ids, self.limits.vocab_size)
+        check_fits(request_id, len(prompt), sampling, self.limits.max_model_len)
         return prompt
 
     def _seed(self, sampling: SamplingParams) -> int:
@@ -317,7 +281,8 @@ class EngineCore(Generic[AdapterT]):
             self._move_kv(batch)
             for name, reason in self._move_adapters(batch).items():
                 outputs += self._quarantine(name, reason)
-            batch = self._live(batch)
+            if outputs:
+                batch = self._live(batch)
             if not batch:
                 return outputs
             batch, sampled = self._execute(batch, outputs)
@@ -335,9 +300,7 @@ class EngineCore(Generic[AdapterT]):
         info = self.adapters.get(name)
         return info is not None and info.broken
 
-    def _execute(
-        self, batch: SchedulerOutput, outputs: list[RequestOutput]
-    ) -> tuple[SchedulerOutput, dict[str, int]]:
+    def _execute(self, batch: SchedulerOutput, outputs: list[RequestOutput]) -> tuple[SchedulerOutput, dict[str, int]]:
         """Execute; on an `AdapterFault`, quarantine that adapter and re-run the rest (nothing was
         computed yet). Bounded: each retry removes one registered adapter's rows."""
         for _ in range(len(self.adapters) + 1):
@@ -420,10 +383,10 @@ class EngineCore(Generic[AdapterT]):
         failed: dict[str, str] = {}
         start = self.clock.now()
         for load in batch.adapter_loads:  # on the critical path: this batch needs them
-            _try_load(self._executor.load_adapter, load.name, load.row, failed)
+            try_load(self._executor.load_adapter, load.name, load.row, failed)
         self.adapter_load_critical_s += self.clock.now() - start
         for load in batch.adapter_prefetches:  # overlapped with this batch
-            _try_load(self._executor.prefetch_adapter, load.name, load.row, failed)
+            try_load(self._executor.prefetch_adapter, load.name, load.row, failed)
         return failed
 
     def _process(self, batch: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
@@ -522,80 +485,7 @@ class EngineCore(Generic[AdapterT]):
     # --- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        cache = self.adapter_cache.stats
-        return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=self.scheduler.num_waiting,
-            kv_blocks_in_use=self.blocks.num_in_use,
-            kv_blocks_total=self.blocks.num_blocks,
-            num_preemptions=self.scheduler.stats.preemptions,
-            num_policy_preemptions=self.scheduler.stats.policy_preemptions,
-            swapped_out_bytes=self.scheduler.stats.swapped_out_bytes,
-            swapped_in_bytes=self.scheduler.stats.swapped_in_bytes,
-            scheduler_metrics=self.scheduler.policy.metrics(),
-            num_finished=self._num_finished,
-            adapters_registered=len(self.adapters),
-            adapters_resident=len(self.adapter_cache.resident()),
-            adapter_resident_bytes=self.memory.adapter_bytes,
-            adapter_hits=cache.hits,
-            adapter_misses=cache.misses,
-            adapter_loads=cache.loads,
-            adapter_prefetches=cache.prefetches,
-            adapter_evictions=cache.evictions,
-            adapter_bytes_loaded=cache.bytes_loaded,
-            adapter_load_critical_s=self.adapter_load_critical_s,
-            adapter_ref_count=self.adapter_cache.total_ref_count,
-            memory_budget_bytes=self.memory.total_bytes,
-            kv_bytes=self.memory.kv_bytes,
-            memory_free_bytes=self.memory.free_bytes,
-        )
-
-
-def output_kind(sampling: SamplingParams) -> str:
-    """`SamplingParams.output_kind` ("delta" when the field is absent or unknown).
-
-    delta: each output carries the new text and ids; `text` is "" except on the finished output,
-    which carries the whole text. cumulative: `text` and `token_ids` are everything so far.
-    final: one output, when the request finishes, with the whole text and every id.
-    """
-    kind = getattr(sampling, "output_kind", "delta")
-    kind = getattr(kind, "value", kind)  # an enum member
-    return kind if kind in ("delta", "cumulative", "final") else "delta"
-
-
-def _try_load(load: Callable[[str, int], None], name: str, row: int, failed: dict[str, str]) -> None:
-    if name in failed:
-        return
-    try:
-        load(name, row)
-    except Exception as exc:
-        failed[name] = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-
-
-def sequence_input(item: ScheduledRequest) -> SequenceInput:
-    """The executor's view of one scheduled request (no mutable scheduler state)."""
-    r, n = item.request, item.num_new_tokens
-    start = r.num_computed_tokens
-    return SequenceInput(
-        request_id=r.request_id,
-        token_ids=_token_range(r.prompt_token_ids, r.output_token_ids, start, start + n),
-        start_pos=start,
-        num_prompt_tokens=len(r.prompt_token_ids),
-        block_table=r.block_table,
-        adapter=r.adapter,
-        sampling=r.sampling if start + n == r.num_tokens else None,
-        seed=r.seed,
-    )
-
-
-def _token_range(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
-    """`(prompt + output)[start:stop]` without concatenating the whole sequence every step."""
-    n = len(prompt)
-    if start >= n:
-        return output[start - n : stop - n]
-    if stop <= n:
-        return prompt[start:stop]
-    return prompt[start:] + output[: stop - n]
+        return collect_stats(self)
 
 
 __all__ = ["CoreLimits", "EngineCore", "EngineStats", "sequence_input"]

@@ -41,3 +41,34 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+def collect_stats(core: Any) -> EngineStats:
+    """The stats of an `EngineCore` (typed Any: the core imports this module)."""
+    cache = core.adapter_cache.stats
+    return EngineStats(
+        running=len(core.scheduler.running),
+        waiting=core.scheduler.num_waiting,
+        kv_blocks_in_use=core.blocks.num_in_use,
+        kv_blocks_total=core.blocks.num_blocks,
+        num_preemptions=core.scheduler.stats.preemptions,
+        num_policy_preemptions=core.scheduler.stats.policy_preemptions,
+        swapped_out_bytes=core.scheduler.stats.swapped_out_bytes,
+        swapped_in_bytes=core.scheduler.stats.swapped_in_bytes,
+        scheduler_metrics=core.scheduler.policy.metrics(),
+        num_finished=core._num_finished,
+        adapters_registered=len(core.adapters),
+        adapters_resident=len(core.adapter_cache.resident()),
+        adapter_resident_bytes=core.memory.adapter_bytes,
+        adapter_hits=cache.hits,
+        adapter_misses=cache.misses,
+        adapter_loads=cache.loads,
+        adapter_prefetches=cache.prefetches,
+        adapter_evictions=cache.evictions,
+        adapter_bytes_loaded=cache.bytes_loaded,
+        adapter_load_critical_s=core.adapter_load_critical_s,
+        adapter_ref_count=core.adapter_cache.total_ref_count,
+        memory_budget_bytes=core.memory.total_bytes,
+        kv_bytes=core.memory.kv_bytes,
+        memory_free_bytes=core.memory.free_bytes,
+    )
