@@ -147,7 +147,9 @@ class _TokenWindow:
     _check_at: int  # len(_ids) at which a stalled window looks for a settled boundary
 
     @classmethod
-    def create(cls, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], skip_special: bool) -> _TokenWindow:
+    def create(
+        cls, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], skip_special: bool
+    ) -> _TokenWindow:
         skipped = _skipped_ids(tokenizer) if skip_special else frozenset()
         window = cls(tokenizer, skip_special, skipped, [], 0, 0, _MAX_PENDING)
         window._ids = window._context(prompt_ids)
@@ -232,12 +234,14 @@ class _TokenWindow:
 
     def _decode_ids(self, ids: list[int]) -> str:
         # No clean-up: it rewrites spaces across token boundaries, so window decodes would not add up.
-        return str(
-            self._tokenizer.decode(ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False)
-        )
+        return str(self._tokenizer.decode(
+            ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
+        ))
 
 
-_SKIPPED_IDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, frozenset[int]] = weakref.WeakKeyDictionary()
+_SKIPPED_IDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, frozenset[int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _skipped_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

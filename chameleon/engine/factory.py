@@ -75,9 +75,7 @@ def memory_budget(
     else:
         total = config.default_budget_cpu()
     if total < reserve + block_bytes:
-        raise ConfigError(
-            f"device_memory_bytes={total} cannot hold the activation reserve ({reserve}) and one KV block"
-        )
+        raise ConfigError(f"device_memory_bytes={total} cannot hold the activation reserve ({reserve}) and one KV block")
     return total, (total - reserve) // block_bytes
 
 
