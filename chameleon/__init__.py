@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AsyncEngine": "chameleon.engine.async_engine",
-    "RequestStream": "chameleon.engine.async_engine",
+    "RequestStream": "chameleon.engine.stream",
     "EngineConfig": "chameleon.config",
     "EngineCore": "chameleon.engine.core",
     "EngineStats": "chameleon.engine.stats",
@@ -25,9 +25,10 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from chameleon.config import EngineConfig
-    from chameleon.engine.async_engine import AsyncEngine, RequestStream
+    from chameleon.engine.async_engine import AsyncEngine
     from chameleon.engine.core import EngineCore
     from chameleon.engine.stats import EngineStats
+    from chameleon.engine.stream import RequestStream
     from chameleon.outputs import AdapterInfo, RequestMetrics, RequestOutput
     from chameleon.sampling_params import SamplingParams
 

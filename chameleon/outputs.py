@@ -54,3 +54,5 @@ class AdapterInfo:
     device_bytes: int  # what it occupies in the device pool when resident
     content_hash: str
     pinned: bool = False
+    broken: bool = False  # a load failed: quarantined, requests refused until removed and re-added
+    error: str | None = None  # why it is broken

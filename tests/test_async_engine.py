@@ -79,7 +79,7 @@ async def test_cancelling_the_consumer_aborts(engine: AsyncEngine) -> None:
     started = anyio.Event()
 
     async def consume() -> None:
-        async for _ in engine.generate("x", SamplingParams(max_tokens=500, ignore_eos=True)):
+        async for _ in engine.generate("x", SamplingParams(max_tokens=240, ignore_eos=True)):
             started.set()
 
     async with engine:
@@ -93,7 +93,7 @@ async def test_cancelling_the_consumer_aborts(engine: AsyncEngine) -> None:
 
 async def test_abort_by_id(engine: AsyncEngine) -> None:
     async with engine:
-        stream = engine.generate("x", SamplingParams(max_tokens=500, ignore_eos=True), request_id="r1")
+        stream = engine.generate("x", SamplingParams(max_tokens=240, ignore_eos=True), request_id="r1")
         first = await stream.__anext__()
         assert not first.finished
         engine.abort("r1")

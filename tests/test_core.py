@@ -11,6 +11,7 @@ from chameleon import EngineConfig, SamplingParams
 from chameleon.clock import ManualClock
 from chameleon.engine.core import EngineCore
 from chameleon.engine.factory import build_core
+from chameleon.errors import PromptTooLongError
 from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.sched.request import Request
 
@@ -119,7 +120,10 @@ def test_stop_token_ids_eos_and_max_model_len(tiny_llama: Path) -> None:
     assert tokens(drain(core)["eos"]) == ref[:2]
     core.add_request("eos-ignored", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert tokens(drain(core)["eos-ignored"]) == ref
-    core.add_request("long", prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    # prompt + max_tokens past max_model_len is refused up front (PromptTooLongError), not cut short
+    with pytest.raises(PromptTooLongError):
+        core.add_request("long", prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    core.add_request("long", prompt, SamplingParams(max_tokens=20 - 3, temperature=0, ignore_eos=True))
     out = drain(core)["long"]
     assert len(tokens(out)) == 20 - 3 and out[-1].finish_reason == "length"
 

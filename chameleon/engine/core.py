@@ -15,24 +15,32 @@ import attrs
 
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.config import EngineConfig
-from chameleon.engine.stats import AdapterStats, EngineStats, KVStats, MemoryStats, RequestStats
+from chameleon.engine.checks import (
+    check_adapter_usable,
+    check_fits,
+    check_request_id,
+    output_kind,
+    prompt_list,
+    try_load,
+)
+from chameleon.engine.sequence import sequence_input
+from chameleon.engine.stats import EngineStats, collect_stats
 from chameleon.errors import (
     AdapterExistsError,
     AdapterInUseError,
-    AdapterNotFoundError,
+    EngineStepError,
     InvalidRequestError,
-    PromptTooLongError,
 )
-from chameleon.executor.base import AdapterT, Executor, SequenceInput, StepInput
+from chameleon.executor.base import AdapterFault, AdapterT, Executor, StepInput
 from chameleon.memory.adapter_cache import AdapterCache
 from chameleon.memory.arrival_predictor import ArrivalPredictor
 from chameleon.memory.budget import MemoryBudget
 from chameleon.memory.kv_blocks import KVBlockManager
-from chameleon.outputs import AdapterInfo, FinishReason, RequestOutput
+from chameleon.outputs import AdapterInfo, FinishReason, RequestMetrics, RequestOutput
 from chameleon.sampling_params import SamplingParams
 from chameleon.sched import make_policy
-from chameleon.sched.request import Request
-from chameleon.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from chameleon.sched.request import Request, RequestStatus
+from chameleon.sched.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,10 @@ class EngineCore(Generic[AdapterT]):
         """Validate and read an adapter into host memory; safe in a worker thread (no core state)."""
         return self._executor.read_adapter(name, path)
 
+    @property
+    def num_finished(self) -> int:
+        return self._num_finished
+
     def observe_steps(self, observer: Callable[[StepInput], None] | None) -> None:
         """Call `observer` with every step's input before it executes (profiling; None: stop)."""
         self._step_observer = observer
@@ -150,8 +162,8 @@ class EngineCore(Generic[AdapterT]):
         adapter: str | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        sampling = sampling or SamplingParams()
-        prompt = self.check_request(request_id, prompt_token_ids, adapter)
+        sampling = SamplingParams() if sampling is None else sampling
+        prompt = self.check_request(request_id, prompt_token_ids, adapter, sampling=sampling)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt,
@@ -168,28 +180,27 @@ class EngineCore(Generic[AdapterT]):
             self.arrival_predictor.observe(adapter, request.arrival_time)
 
     def check_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], adapter: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        adapter: str | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> list[int]:
-        """Raise the typed error a request deserves, or return its prompt as a list."""
-        if adapter is not None and adapter not in self.adapters:
-            raise AdapterNotFoundError(f"no adapter named {adapter!r} is registered (known: {sorted(self.adapters)})")
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        """Raise the typed error a request deserves, or return its prompt as a list.
+
+        Checks types (ids are non-empty strings, prompts sequences of non-bool ints), the adapter
+        (registered, not quarantined), the vocabulary, and that prompt + `max_tokens` fits in
+        `max_model_len` (else `PromptTooLongError`).
+        """
+        check_request_id(request_id)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        check_adapter_usable(adapter, self.adapters)
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise InvalidRequestError(f"request {request_id!r}: the prompt is empty")
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.limits.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"request {request_id!r}: token ids out of range [0, {self.limits.vocab_size}): {bad[:5]}"
-            )
-        if len(prompt) >= self.limits.max_model_len:
-            raise PromptTooLongError(
-                f"request {request_id!r}: prompt has {len(prompt)} tokens; max_model_len is "
-                f"{self.limits.max_model_len}, which leaves no room to generate"
-            )
+        prompt = prompt_list(request_id, prompt_token_ids, self.limits.vocab_size)
+        check_fits(request_id, len(prompt), sampling, self.limits.max_model_len)
         return prompt
 
     def _seed(self, sampling: SamplingParams) -> int:
@@ -216,10 +227,20 @@ class EngineCore(Generic[AdapterT]):
     def register_adapter(self, name: str, adapter: AdapterT) -> AdapterInfo:
         """Register an adapter `read_adapter` returned (reading is safe off-thread; this is not)."""
         self._check_new_adapter(name)
-        info = self._executor.register_adapter(adapter)
-        self.adapter_cache.register(info.name, info.max_rank)
+        try:
+            info = self._executor.register_adapter(adapter)
+            self.adapter_cache.register(info.name, info.max_rank)
+        except BaseException:  # refused (e.g. AdapterMemoryError): the executor must keep nothing
+            self._executor_forget(name)
+            raise
         self.adapters[info.name] = info
         return info
+
+    def _executor_forget(self, name: str) -> None:
+        try:
+            self._executor.unregister_adapter(name)
+        except Exception:  # never registered that far: nothing to forget
+            log.debug("unregister after a refused registration of %r failed", name, exc_info=True)
 
     def _check_new_adapter(self, name: str) -> None:
         if not isinstance(name, str) or not name:
@@ -237,7 +258,7 @@ class EngineCore(Generic[AdapterT]):
 
     def pin_adapter(self, name: str, pinned: bool = True) -> None:
         """A pinned adapter is never evicted from the device once loaded."""
-        self.adapter_cache.pin(name, pinned)
+        self.adapter_cache.pin(name, pinned)  # raises AdapterMemoryError before anything changes
         self.adapters[name] = attrs.evolve(self.adapters[name], pinned=pinned)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -253,28 +274,100 @@ class EngineCore(Generic[AdapterT]):
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
+        """One iteration. Faults stay as local as they can: a failing adapter load fails only that
+        adapter's requests (and quarantines it), a failed sampling row only its request, a
+        `schedule()` failure only the waiting requests; any other exception fails the batch."""
         now = self.clock.now()
-        likely = self.arrival_predictor.likely(now) if self.arrival_predictor is not None else ()
-        batch = self.scheduler.schedule(now, likely)
+        try:
+            batch = self.scheduler.schedule(now, self._likely(now))
+        except Exception as exc:
+            return self._schedule_failed(exc)
+        outputs: list[RequestOutput] = []
         try:
             self._move_kv(batch)
-            self._move_adapters(batch)
+            for name, reason in self._move_adapters(batch).items():
+                outputs += self._quarantine(name, reason)
+            if outputs:
+                batch = self._live(batch)
             if not batch:
-                return []
+                return outputs
+            batch, sampled = self._execute(batch, outputs)
+        except Exception as exc:  # a bad batch must not take the engine down: fail just this batch
+            return outputs + self._batch_failed(self._live(batch), exc)
+        self.scheduler.iteration_done(batch.scheduled, self.clock.now() - now, self.clock.now())
+        return outputs + self._process(batch, sampled)
+
+    def _likely(self, now: float) -> tuple[str, ...]:
+        if self.arrival_predictor is None:
+            return ()
+        return tuple(n for n in self.arrival_predictor.likely(now) if not self._is_broken(n))
+
+    def _is_broken(self, name: str) -> bool:
+        info = self.adapters.get(name)
+        return info is not None and info.broken
+
+    def _execute(self, batch: SchedulerOutput, outputs: list[RequestOutput]) -> tuple[SchedulerOutput, dict[str, int]]:
+        """Execute; on an `AdapterFault`, quarantine that adapter and re-run the rest (nothing was
+        computed yet). Bounded: each retry removes one registered adapter's rows."""
+        for _ in range(len(self.adapters) + 1):
             step = self._step_input(batch)
             if self._step_observer is not None:
                 self._step_observer(step)
-            sampled = self._executor.execute(step)
-        except Exception as exc:  # a bad batch must not take the engine down: fail just this batch
-            log.exception("iteration failed; aborting the %d requests in it", len(batch.scheduled))
-            message = f"{type(exc).__name__}: {exc}"
-            outputs = [self._finish(s.request, "abort", "", (), error=message) for s in batch.scheduled]
-            for load in (*batch.adapter_loads, *batch.adapter_prefetches):  # copies may not have happened
-                self.adapter_cache.drop(load.name)
-                self._executor.evict_adapter(load.name)
-            return outputs
-        self.scheduler.iteration_done(batch.scheduled, self.clock.now() - now, self.clock.now())
-        return self._process(batch, sampled)
+            try:
+                return batch, self._executor.execute(step)
+            except AdapterFault as fault:
+                if fault.name not in self.adapters or self.adapters[fault.name].broken:
+                    raise
+                outputs += self._quarantine(fault.name, fault.message)
+                batch = self._live(batch)
+                if not batch:
+                    return batch, {}
+        raise EngineStepError("adapter faults kept coming; failing the batch")
+
+    def _live(self, batch: SchedulerOutput) -> SchedulerOutput:
+        """The batch without the requests that finished (failed) since it was scheduled."""
+        live = tuple(s for s in batch.scheduled if self.requests.get(s.request.request_id) is s.request)
+        return batch if len(live) == len(batch.scheduled) else attrs.evolve(batch, scheduled=live)
+
+    def _batch_failed(self, batch: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        log.exception("iteration failed; aborting the %d requests in it", len(batch.scheduled))
+        message = f"{type(exc).__name__}: {exc}"
+        outputs = [self._fail(s.request, message) for s in batch.scheduled]
+        for load in (*batch.adapter_loads, *batch.adapter_prefetches):  # copies may not have happened
+            self.adapter_cache.drop(load.name)
+            self._executor.evict_adapter(load.name)
+        return outputs
+
+    def _schedule_failed(self, exc: Exception) -> list[RequestOutput]:
+        """`schedule()` raised: fail the waiting requests (the running ones if none wait)."""
+        log.exception("scheduling failed")
+        message = f"scheduling failed: {type(exc).__name__}: {exc}"
+        waiting = [r for r in self.requests.values() if r.status is RequestStatus.WAITING]
+        return [self._fail(r, message) for r in waiting or list(self.requests.values())]
+
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        """Finish a request with an error, even if the scheduler's bookkeeping for it is broken."""
+        try:
+            return self._finish(request, "abort", "", (), error=message)
+        except Exception:
+            log.exception("could not release request %r cleanly", request.request_id)
+            self.blocks.free(request)
+            self.requests.pop(request.request_id, None)
+            self._detokenizers.pop(request.request_id, None)
+            request.status = RequestStatus.FINISHED
+            metrics = RequestMetrics(arrival_time=request.arrival_time, finish_time=self.clock.now())
+            return RequestOutput(request.request_id, "", (), "", True, "abort", metrics, error=message)
+
+    def _quarantine(self, name: str, reason: str) -> list[RequestOutput]:
+        """An adapter's load failed: mark it broken, fail every request that uses it, free its rows."""
+        log.error("adapter %r quarantined: %s", name, reason)
+        if name in self.adapters:
+            self.adapters[name] = attrs.evolve(self.adapters[name], broken=True, error=reason)
+        message = f"adapter {name!r} failed to load and is quarantined: {reason}"
+        outputs = [self._fail(r, message) for r in list(self.requests.values()) if r.adapter == name]
+        self.adapter_cache.drop(name)
+        self._executor.evict_adapter(name)
+        return outputs
 
     def _step_input(self, batch: SchedulerOutput) -> StepInput:
         sequences = tuple(sequence_input(s) for s in batch.scheduled)
@@ -289,33 +382,44 @@ class EngineCore(Generic[AdapterT]):
         for swap in batch.swap_in:
             self._executor.swap_in(swap.request_id, swap.block_ids)
 
-    def _move_adapters(self, batch: SchedulerOutput) -> None:
+    def _move_adapters(self, batch: SchedulerOutput) -> dict[str, str]:
+        """Evict, load and prefetch; returns the adapters whose load failed, with the reason."""
         for name in batch.adapter_evictions:
             self._executor.evict_adapter(name)
+        failed: dict[str, str] = {}
         start = self.clock.now()
         for load in batch.adapter_loads:  # on the critical path: this batch needs them
-            self._executor.load_adapter(load.name, load.row)
+            try_load(self._executor.load_adapter, load.name, load.row, failed)
         self.adapter_load_critical_s += self.clock.now() - start
         for load in batch.adapter_prefetches:  # overlapped with this batch
-            self._executor.prefetch_adapter(load.name, load.row)
+            try_load(self._executor.prefetch_adapter, load.name, load.row, failed)
+        return failed
 
     def _process(self, batch: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
+        """Apply a step's tokens. A sampling request the executor gave no token fails alone."""
         now = self.clock.now()
+        errors: dict[str, str] = getattr(sampled, "errors", {})
         outputs = []
         for item in batch.scheduled:
             request = item.request
-            samples = item.samples
+            samples = item.samples  # before the count moves: it is derived from it
             request.num_computed_tokens += item.num_new_tokens
             if not samples:
                 continue
-            token = sampled[request.request_id]
+            token = sampled.get(request.request_id)
+            if token is None:
+                reason = errors.get(request.request_id, "the executor returned no token for this request")
+                outputs.append(self._fail(request, reason))
+                continue
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            outputs.append(self._emit(request, token))
+            out = self._emit(request, token)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _emit(self, request: Request, token: int) -> RequestOutput:
+    def _emit(self, request: Request, token: int) -> RequestOutput | None:
         reason = self._stop_reason(request, token)
         delta = ""
         detokenizer = self._detokenizers.get(request.request_id)
@@ -326,11 +430,15 @@ class EngineCore(Generic[AdapterT]):
                 return self._finish(request, "stop", delta, (token,), flush=False)
         if reason is not None:
             return self._finish(request, reason, delta, (token,))
+        kind = output_kind(request.sampling)
+        if kind == "final":
+            return None  # only the finished output, with everything
+        cumulative = kind == "cumulative"
         return RequestOutput(
             request_id=request.request_id,
             delta=delta,
-            token_ids=(token,),
-            text=detokenizer.text if detokenizer is not None else "",
+            token_ids=tuple(request.output_token_ids) if cumulative else (token,),
+            text=detokenizer.text if detokenizer is not None and cumulative else "",
             finished=False,
             finish_reason=None,
             metrics=request.metrics(),
@@ -364,6 +472,11 @@ class EngineCore(Generic[AdapterT]):
         detokenizer = self._detokenizers.pop(request.request_id, None)
         if detokenizer is not None and flush:
             delta += detokenizer.finish()
+        kind = output_kind(request.sampling)
+        if kind != "delta":  # cumulative and final outputs carry every id (final: the text too)
+            new_ids = tuple(request.output_token_ids)
+            if kind == "final" and detokenizer is not None:
+                delta = detokenizer.text
         return RequestOutput(
             request_id=request.request_id,
             delta=delta,
@@ -378,65 +491,7 @@ class EngineCore(Generic[AdapterT]):
     # --- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        cache, mech, mem = self.adapter_cache.stats, self.scheduler.stats, self.memory
-        return EngineStats(
-            requests=RequestStats(
-                running=len(self.scheduler.running),
-                waiting=self.scheduler.num_waiting,
-                finished=self._num_finished,
-                preemptions=mech.preemptions,
-                policy_preemptions=mech.policy_preemptions,
-            ),
-            kv=KVStats(
-                blocks_in_use=self.blocks.num_in_use,
-                blocks_total=self.blocks.num_blocks,
-                swapped_out_bytes=mech.swapped_out_bytes,
-                swapped_in_bytes=mech.swapped_in_bytes,
-            ),
-            memory=MemoryStats(
-                budget_bytes=mem.total_bytes, kv_bytes=mem.kv_bytes, adapter_bytes=mem.adapter_bytes, free_bytes=mem.free_bytes
-            ),
-            adapters=AdapterStats(
-                registered=len(self.adapters),
-                resident=len(self.adapter_cache.resident()),
-                resident_bytes=mem.adapter_bytes,
-                hits=cache.hits,
-                misses=cache.misses,
-                loads=cache.loads,
-                prefetches=cache.prefetches,
-                evictions=cache.evictions,
-                bytes_loaded=cache.bytes_loaded,
-                load_critical_s=self.adapter_load_critical_s,
-                ref_count=self.adapter_cache.total_ref_count,
-            ),
-            scheduler=self.scheduler.policy.metrics(),
-        )
-
-
-def sequence_input(item: ScheduledRequest) -> SequenceInput:
-    """The executor's view of one scheduled request (no mutable scheduler state)."""
-    r, n = item.request, item.num_new_tokens
-    start = r.num_computed_tokens
-    return SequenceInput(
-        request_id=r.request_id,
-        token_ids=_token_range(r.prompt_token_ids, r.output_token_ids, start, start + n),
-        start_pos=start,
-        num_prompt_tokens=len(r.prompt_token_ids),
-        block_table=r.block_table,
-        adapter=r.adapter,
-        sampling=r.sampling if start + n == r.num_tokens else None,
-        seed=r.seed,
-    )
-
-
-def _token_range(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
-    """`(prompt + output)[start:stop]` without concatenating the whole sequence every step."""
-    n = len(prompt)
-    if start >= n:
-        return output[start - n : stop - n]
-    if stop <= n:
-        return prompt[start:stop]
-    return prompt[start:] + output[: stop - n]
+        return collect_stats(self)
 
 
 __all__ = ["CoreLimits", "EngineCore", "EngineStats", "sequence_input"]

@@ -70,3 +70,40 @@ class EngineStats:
         d = attrs.asdict(self)
         d["adapters"]["hit_rate"] = self.adapters.hit_rate
         return d
+
+
+def collect_stats(core: Any) -> EngineStats:
+    """The stats of an `EngineCore` (typed Any: the core imports this module)."""
+    cache, mech, mem = core.adapter_cache.stats, core.scheduler.stats, core.memory
+    return EngineStats(
+        requests=RequestStats(
+            running=len(core.scheduler.running),
+            waiting=core.scheduler.num_waiting,
+            finished=core.num_finished,
+            preemptions=mech.preemptions,
+            policy_preemptions=mech.policy_preemptions,
+        ),
+        kv=KVStats(
+            blocks_in_use=core.blocks.num_in_use,
+            blocks_total=core.blocks.num_blocks,
+            swapped_out_bytes=mech.swapped_out_bytes,
+            swapped_in_bytes=mech.swapped_in_bytes,
+        ),
+        memory=MemoryStats(
+            budget_bytes=mem.total_bytes, kv_bytes=mem.kv_bytes, adapter_bytes=mem.adapter_bytes, free_bytes=mem.free_bytes
+        ),
+        adapters=AdapterStats(
+            registered=len(core.adapters),
+            resident=len(core.adapter_cache.resident()),
+            resident_bytes=mem.adapter_bytes,
+            hits=cache.hits,
+            misses=cache.misses,
+            loads=cache.loads,
+            prefetches=cache.prefetches,
+            evictions=cache.evictions,
+            bytes_loaded=cache.bytes_loaded,
+            load_critical_s=core.adapter_load_critical_s,
+            ref_count=core.adapter_cache.total_ref_count,
+        ),
+        scheduler=core.scheduler.policy.metrics(),
+    )

@@ -3,7 +3,12 @@
 The executor never sees the scheduler's mutable `Request`: each step it gets one `SequenceInput`
 per scheduled sequence (the tokens to compute, their positions' start, the block table, the
 adapter, and sampling parameters when the step samples), as vLLM's `NewRequestData` does, and
-returns the sampled tokens keyed by request id. Per-request state an executor keeps (a seeded
+returns the sampled tokens keyed by request id (a `StepOutput`, a dict that may also carry
+per-row `errors`). Failures are reported at the smallest scope that has them: a row whose
+sampling failed (non-finite logits) is left out of the tokens and named in `errors`; an adapter
+whose weights cannot be loaded raises `AdapterFault(name, message)` (before any KV is written, so
+the core can re-run the batch without that adapter's rows); anything else raised by `execute` is a
+whole-batch fault. Per-request state an executor keeps (a seeded
 generator) is dropped when the request's id appears in `StepInput.finished`. The step values are
 NamedTuples: they are built for every sequence every iteration, where attrs' frozen init costs.
 """
@@ -47,6 +52,27 @@ class StepInput(NamedTuple):
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.sequences)
+
+
+class StepOutput(dict[str, int]):
+    """What `execute` returns: request id -> sampled token, plus `errors` (request id -> reason)
+    for sampling rows that failed. A plain dict is accepted too; a sampling request missing
+    from it is failed with a generic reason."""
+
+    def __init__(self, tokens: dict[str, int] | None = None, errors: dict[str, str] | None = None) -> None:
+        super().__init__(tokens or {})
+        self.errors: dict[str, str] = errors or {}
+
+
+class AdapterFault(Exception):
+    """Raised by `load_adapter`, `prefetch_adapter` or `execute` when one adapter's weights cannot
+    be made usable (its files vanished or changed and the reload failed). `execute` raises it
+    before computing anything, so only that adapter's requests need to fail."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"adapter {name!r}: {message}")
+        self.name = name
+        self.message = message
 
 
 class Executor(Protocol[AdapterT]):
@@ -110,5 +136,9 @@ class Executor(Protocol[AdapterT]):
         ...
 
     def execute(self, step: StepInput) -> dict[str, int]:
-        """Run one iteration; return the token sampled for each sequence that samples, by request id."""
+        """Run one iteration; return the token sampled for each sequence that samples, by request id.
+
+        Return a `StepOutput` to report per-row failures (see the module docstring); raise
+        `AdapterFault` for an adapter that cannot be loaded; any other exception fails the batch.
+        """
         ...

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
-from chameleon.executor.base import SequenceInput, StepInput
+from chameleon.executor.base import AdapterFault, SequenceInput, StepInput, StepOutput
 from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
@@ -116,11 +116,13 @@ class TorchExecutor:
             self._sources.pop(name, None)
 
     def load_adapter(self, name: str, row: int) -> None:
-        pending = self._pending.pop(name, None)
-        if pending is not None:
-            pending.result()  # prefetched: wait for what is left of the copy
-        else:
+        if name in self._pending:
+            self._await_copy(name)  # prefetched: wait for what is left of the copy
+            return
+        try:
             self._copy(name, row)
+        except Exception as exc:
+            raise AdapterFault(name, f"{type(exc).__name__}: {exc}") from exc
 
     def prefetch_adapter(self, name: str, row: int) -> None:
         if self._copier is None:
@@ -192,7 +194,7 @@ class TorchExecutor:
 
     # --- the iteration ----------------------------------------------------------------------------
 
-    def execute(self, step: StepInput) -> dict[str, int]:
+    def execute(self, step: StepInput) -> StepOutput:
         for request_id in step.finished:
             self._generators.pop(request_id, None)
         token_ids: list[int] = []
@@ -204,7 +206,7 @@ class TorchExecutor:
         items = sorted(step.sequences, key=lambda s: self._adapter_order(s.adapter))
         if self._pending:
             for name in {s.adapter for s in items if s.adapter is not None} & self._pending.keys():
-                self._pending.pop(name).result()  # a prefetched adapter this batch needs must be complete
+                self._await_copy(name)  # a prefetched adapter this batch needs must be complete
         for seq in items:
             n, start = len(seq.token_ids), seq.start_pos
             token_ids.extend(seq.token_ids)
@@ -227,15 +229,52 @@ class TorchExecutor:
             self.lora_pool.batch(adapters, query_lens, self.lora_backend),
         )
         if not samplers:
-            return {}
-        tokens = sample_from_hidden(
+            return StepOutput()
+        return self._sample(hidden, samplers)
+
+    def _sample(self, hidden: torch.Tensor, samplers: list[SequenceInput]) -> StepOutput:
+        """Sample every row at once; if that raises, row by row, so one bad row fails alone."""
+        try:
+            tokens = self._sample_rows(hidden, samplers)
+        except Exception:  # a degenerate row: find it without failing its neighbours
+            return self._sample_each(hidden, samplers)
+        out = StepOutput()
+        for seq, token in zip(samplers, tokens, strict=True):
+            self._accept(out, seq.request_id, token)
+        return out
+
+    def _sample_each(self, hidden: torch.Tensor, samplers: list[SequenceInput]) -> StepOutput:
+        out = StepOutput()
+        for i, seq in enumerate(samplers):
+            try:
+                (token,) = self._sample_rows(hidden[i : i + 1], [seq])
+            except Exception as exc:
+                out.errors[seq.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+                continue
+            self._accept(out, seq.request_id, token)
+        return out
+
+    def _sample_rows(self, hidden: torch.Tensor, samplers: list[SequenceInput]) -> list[int]:
+        return sample_from_hidden(
             hidden,
             [s.sampling for s in samplers],  # type: ignore[misc]  # set for every sampler
             [self._generator(s) for s in samplers],
             logits=self.model.logits,
             greedy=self.model.greedy_tokens,
         )
-        return dict(zip((s.request_id for s in samplers), tokens, strict=True))
+
+    def _accept(self, out: StepOutput, request_id: str, token: object) -> None:
+        """Keep a sampled token if it is a real id; a sampler's failure marker fails the row."""
+        if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < self.spec.vocab_size:
+            out[request_id] = token
+        else:
+            out.errors[request_id] = f"the sampler produced no valid token (got {token!r})"
+
+    def _await_copy(self, name: str) -> None:
+        try:
+            self._pending.pop(name).result()
+        except Exception as exc:
+            raise AdapterFault(name, f"{type(exc).__name__}: {exc}") from exc
 
     def _generator(self, seq: SequenceInput) -> torch.Generator:
         """The request's own generator: its samples do not depend on its batch neighbours, and a

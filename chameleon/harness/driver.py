@@ -166,7 +166,9 @@ def _submit(core: EngineCore, request: WorkloadRequest, t0: float, rec: _Recorde
         core.add_request(
             request.request_id,
             [PROMPT_TOKEN_ID] * request.prompt_len,
-            _sampling(request.output_len),
+            # the core refuses prompt + max_tokens past max_model_len; a trace's long outputs are cut
+            # there, as the core used to cut them itself
+            _sampling(min(request.output_len, core.limits.max_model_len - request.prompt_len)),
             adapter=request.adapter,
             arrival_time=t0 + request.arrival_s,
         )

@@ -17,7 +17,7 @@ import attrs
 
 from chameleon.clock import ManualClock
 from chameleon.errors import AdapterNotFoundError, AdapterValidationError
-from chameleon.executor.base import StepInput
+from chameleon.executor.base import StepInput, StepOutput
 from chameleon.outputs import AdapterInfo
 from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, AnalyticCostModel, Calibration
 from chameleon.sim.hardware import DEFAULT_LORA_TARGETS, DEFAULT_RESERVE_FRACTION, GPUSpec, ModelCost
@@ -267,7 +267,7 @@ class SimulatedExecutor:
     def batch_shape(self, step: StepInput) -> BatchShape:
         return batch_shape(step, self.ranks)
 
-    def execute(self, step: StepInput) -> dict[str, int]:
+    def execute(self, step: StepInput) -> StepOutput:
         if self._prefetch_done:
             self._await_prefetches(step)
         shape = self.batch_shape(step)
@@ -277,7 +277,7 @@ class SimulatedExecutor:
         self.clock.advance(dt)
         self.stats.iterations += 1
         self.stats.busy_s += dt
-        return {s.request_id: self.token_id for s in step.sequences if s.sampling is not None}
+        return StepOutput({s.request_id: self.token_id for s in step.sequences if s.sampling is not None})
 
 
 def batch_shape(step: StepInput, ranks: Mapping[str, int]) -> BatchShape:

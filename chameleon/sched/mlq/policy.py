@@ -134,6 +134,7 @@ class MLQPolicy(PolicyBase):
             queue=queue,
             enqueued_at=now,
         )
+        self._left.pop(request.request_id, None)  # an earlier request under this id is gone for good
         self._entries[request.request_id] = entry
         self._insert(entry)
         self._wrs_window.append(wrs)
@@ -197,8 +198,9 @@ class MLQPolicy(PolicyBase):
 
     def preemptions(self, now: float) -> list[Request]:
         now = self._tick(now)
-        for rid in list(self._left):  # still here: aborted while running (never requeued or completed)
-            self._entries.pop(rid, None)
+        for rid, entry in list(self._left.items()):  # still here: aborted while running
+            if self._entries.get(rid) is entry:  # not a later request that reuses the id
+                del self._entries[rid]
             del self._left[rid]
         return self._squashes(now)
 
