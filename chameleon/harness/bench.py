@@ -41,6 +41,7 @@ from chameleon.clock import Clock, MonotonicClock
 from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
 from chameleon.harness.driver import POLICIES, run_workload, warm_up
+from chameleon.harness.length_factor import PAPER, length_population, length_scale_arg, paper_length_scale
 from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
 from chameleon.harness.report import format_table, results_json, write_plots
 from chameleon.harness.workload import (
@@ -49,11 +50,12 @@ from chameleon.harness.workload import (
     Workload,
     paper_workload,
     slora_adapters,
+    scale_lengths,
     slora_workload,
     trace_workload,
 )
 from chameleon.sched.options import SchedulerOptions
-from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION
+from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, AnalyticCostModel
 from chameleon.sim.engine import build_sim_engine
 from chameleon.sim.hardware import GPUS, MODELS, get_gpu, get_model
 from chameleon.sim.profile import CostProfile
@@ -144,6 +146,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--cv", type=float, default=1.0, help="slora workload: coefficient of variation of the gaps")
     w.add_argument("--input-range", type=_int_range, default=(8, 512), help="slora workload: prompt lengths LO,HI")
     w.add_argument("--output-range", type=_int_range, default=(8, 512), help="slora workload: output lengths LO,HI")
+    w.add_argument(
+        "--length-scale",
+        type=length_scale_arg,
+        default=1.0,
+        help="scale prompt and output lengths by C before clipping; 'paper': derive C from the paper's "
+        "rule (TTFT SLO = 5x the mean unloaded latency) on the modelled GPU",
+    )
     w.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (default: context − 1)")
     w.add_argument("--max-output-len", type=int, default=None, help="clip outputs")
     w.add_argument("--seed", type=int, default=0)
@@ -225,6 +234,8 @@ class EngineFactory:
     build: Callable[[str, str, Workload], tuple[EngineCore, Clock, Workload]]
     max_model_len: int
     description: Mapping[str, Any]
+    cost: Any = None  # the cost model of a simulated run (`--length-scale paper` derives C on it)
+    adapter_row_bytes: int = 0
 
 
 def scheduler_options(args: argparse.Namespace) -> SchedulerOptions:
@@ -236,6 +247,8 @@ def scheduler_options(args: argparse.Namespace) -> SchedulerOptions:
 
 def sim_factory(args: argparse.Namespace) -> EngineFactory:
     profile = CostProfile.from_json(args.profile) if args.profile else None
+    cost: Any = profile
+    row_bytes = profile.engine.adapter_row_bytes if profile is not None and profile.engine is not None else 0
     common = dict(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -253,6 +266,8 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
         }
     else:
         gpu, model = get_gpu(args.gpu), get_model(args.model or "llama-7b")
+        cost = AnalyticCostModel(gpu, model, A40_LLAMA7B_CALIBRATION)
+        row_bytes = cost.adapter_row_bytes
         max_len = args.max_model_len or model.max_model_len
         what = f"{gpu.name} · {model.name} · analytic cost model"
         desc = {
@@ -275,7 +290,7 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
         )
         return core, clock, workload
 
-    return EngineFactory(True, f"{SIM_LABEL} · {what}", build, max_len, desc)
+    return EngineFactory(True, f"{SIM_LABEL} · {what}", build, max_len, desc, cost, row_bytes)
 
 
 def real_factory(args: argparse.Namespace) -> EngineFactory:
@@ -354,10 +369,29 @@ class Bench:
         self.results: dict[tuple[str, float], RunResult] = {}
         self._workloads: dict[float, Workload] = {}
         self.bar: Any = None
+        self.length_scale = self._length_scale()
+
+    def _length_scale(self) -> float:
+        """`--length-scale` as a number (`paper`: derived on the factory's cost model, printed)."""
+        value = getattr(self.args, "length_scale", 1.0)
+        if value != PAPER:
+            return float(value)
+        if self.factory.cost is None:
+            raise ValueError("--length-scale paper needs a simulated run (it derives C on the cost model)")
+        prompts, outputs, ranks = length_population(self.args)
+        derived = paper_length_scale(
+            self.factory.cost, prompts, outputs, ranks=ranks, adapter_row_bytes=self.factory.adapter_row_bytes,
+            max_model_len=self.factory.max_model_len, slo_ttft_s=self.args.slo_ttft,
+        )  # fmt: skip
+        print(
+            f"length scale (paper rule: {derived.target_s * 1e3:.0f} ms mean unloaded latency): C = {derived.scale:.4f}",
+            file=sys.stderr,
+        )
+        return derived.scale
 
     def workload(self, rate: float) -> Workload:
         if rate not in self._workloads:
-            w = make_workload(self.args, rate)
+            w = scale_lengths(make_workload(self.args, rate), self.length_scale)
             limit = self.factory.max_model_len - 1
             max_prompt = min(self.args.max_prompt_len or limit, limit)
             self._workloads[rate] = clip_lengths(w, max_prompt, self.args.max_output_len)
@@ -429,7 +463,7 @@ def run_bench(args: argparse.Namespace) -> int:
         factory = sim_factory(args) if args.executor == "sim" else real_factory(args)
         bench = Bench(args, factory, table)
         title = (
-            f"{factory.label}\n{args.workload} workload · {args.duration:g} s · "
+            f"{factory.label}\n{args.workload} workload · lengths x{bench.length_scale:.4g} · {args.duration:g} s · "
             f"SLO TTFT {args.slo_ttft:g} s / TBT {args.slo_tbt * 1e3:g} ms"
         )
         tput = _sweep_with_progress(bench, policies, rates)
