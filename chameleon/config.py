@@ -12,8 +12,9 @@ from chameleon.sched.options import SchedulerOptions
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
-SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq"]
-AdapterCacheName = Literal["chameleon", "lru", "slora"]
+SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4"]
+AdapterCacheName = Literal["chameleon", "lru", "slora", "fairshare"]
+_SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4")
 
 _MiB = 1 << 20
 
@@ -49,14 +50,14 @@ class EngineConfig:
     num_kv_blocks: int | None = attrs.field(default=None, validator=_positive)
     max_num_seqs: int = attrs.field(default=128, validator=_positive)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=_positive)
-    scheduler: SchedulerName = attrs.field(default="chameleon", validator=_one_of("chameleon", "fifo", "sjf", "mlfq"))
+    scheduler: SchedulerName = attrs.field(default="chameleon", validator=_one_of(*_SCHEDULERS))
     scheduler_options: SchedulerOptions = attrs.field(factory=SchedulerOptions)
     # Adapters. Device memory for adapters is a pool of max_loras * max_lora_rank rank rows; any mix
     # of adapters whose ranks add up to that can be resident at once (no padding to the max rank).
     max_loras: int = attrs.field(default=8, validator=_positive)
     max_lora_rank: int = attrs.field(default=64, validator=_positive)
     lora_backend: LoRABackend = attrs.field(default="auto", validator=_one_of("auto", "torch", "triton"))
-    adapter_cache: AdapterCacheName = attrs.field(default="chameleon", validator=_one_of("chameleon", "lru", "slora"))
+    adapter_cache: AdapterCacheName = attrs.field(default="chameleon", validator=_one_of("chameleon", "lru", "slora", "fairshare"))
     max_cpu_adapters: int | None = attrs.field(default=None, validator=_positive)  # host tier; None: all
     adapter_prefetch_depth: int = 8  # waiting requests whose adapters load ahead of admission; 0: off
     adapter_arrival_prefetch: bool = False  # prefetch for requests that have not arrived (predictor)

@@ -41,10 +41,14 @@ __all__ = ["POLICIES", "PROMPT_TOKEN_ID", "Progress", "resolve_policy", "run_wor
 POLICIES: dict[str, tuple[str, str]] = {
     "chameleon": ("chameleon", "chameleon"),
     "slora": ("fifo", "slora"),
+    "slora-exact": ("slora-exact", "slora"),
     "slora-sjf": ("sjf", "slora"),
     "chameleon-nocache": ("chameleon", "slora"),
     "chameleon-nosched": ("fifo", "chameleon"),
     "chameleon-lru": ("chameleon", "lru"),
+    "chameleon-fairshare": ("chameleon", "fairshare"),
+    "chameleon-static": ("chameleon-static", "chameleon"),
+    "chameleon-k4": ("chameleon-k4", "chameleon"),
     "fastserve": ("mlfq", "slora"),
 }
 

@@ -7,22 +7,29 @@ from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.sched.predictors import OutputLengthPredictor, make_predictor
 
-SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq")
+SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4")
 
 
 def make_policy(name: str, options: SchedulerOptions | None = None) -> AdmissionPolicy:
     options = options or SchedulerOptions()
     if name == "fifo":
         return FifoPolicy()
+    if name == "slora-exact":
+        from chameleon.sched.slora import SLoRAPolicy
+
+        return SLoRAPolicy(options)
     predictor = _predictor(options)
     if name == "sjf":
         from chameleon.sched.sjf import SjfPolicy
 
         return SjfPolicy(predictor)
-    if name == "chameleon":
+    if name in ("chameleon", "chameleon-static", "chameleon-k4"):
+        import attrs
+
         from chameleon.sched.mlq.policy import MLQPolicy
 
-        return MLQPolicy(predictor, options)
+        rule = {"chameleon-static": "static", "chameleon-k4": "wcss"}.get(name)
+        return MLQPolicy(predictor, options if rule is None else attrs.evolve(options, k_rule=rule))
     if name == "mlfq":
         from chameleon.sched.mlfq import MLFQPolicy
 

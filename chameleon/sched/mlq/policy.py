@@ -390,8 +390,14 @@ class MLQPolicy(PolicyBase):
         demand = [0] * layout.num_queues
         for entry in self._entries.values():
             demand[layout.queue_of(entry.wrs)] += entry.cost()
-        stats = [e.stats(now, demand[q]) for q, e in enumerate(self._estimators)]
-        self.apply_layout(layout, assign_quotas(self.view.kv_capacity_tokens, stats, slo_s=self.options.slo_ttft_s))
+        total = self.view.kv_capacity_tokens
+        if self.options.k_rule == "static":  # Ch-Static: equal token quotas
+            k = layout.num_queues
+            quotas: Sequence[int] = [total // k + (q < total % k) for q in range(k)]
+        else:
+            stats = [e.stats(now, demand[q]) for q, e in enumerate(self._estimators)]
+            quotas = assign_quotas(total, stats, slo_s=self.options.slo_ttft_s)
+        self.apply_layout(layout, quotas)
 
     def apply_layout(self, layout: QueueLayout, quotas: Sequence[int]) -> None:
         """Impose a layout and its quotas: re-place every request by WRS, reset the ledger (in-flight
