@@ -49,6 +49,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "chameleon-fairshare": ("chameleon", "fairshare"),
     "chameleon-static": ("chameleon-static", "chameleon"),
     "chameleon-k4": ("chameleon-k4", "chameleon"),
+    "chameleon-paper": ("chameleon-paper", "chameleon"),
     "fastserve": ("mlfq", "slora"),
 }
 

@@ -30,11 +30,20 @@ class SchedulerOptions:
     # Chameleon MLQ (paper §4.3).
     slo_ttft_s: float = attrs.field(default=5.0, validator=positive)
     refresh_period_s: float = attrs.field(default=300.0, validator=positive)  # paper: 5 minutes
+    # Ours: the first refresh as soon as `min_cluster_samples` sizes are known, not 5 min in.
+    early_first_refresh: bool = attrs.field(default=True, validator=boolean)
     k_max: int = attrs.field(default=4, validator=int_at_least(1))
     # K rule: "silhouette" (ours), "wcss" (the paper's "minimal WCSS", read literally: K = k_max),
     # "static" (Ch-Static: k_max equal WRS ranges and equal token quotas).
     k_rule: str = attrs.field(default="silhouette", validator=one_of("silhouette", "wcss", "static"))
     bypass: bool = attrs.field(default=True, validator=boolean)
+    # How MLQ's quotas meet the resources that bind (docs/scheduling.md, "MLQ at the knee"). The
+    # paper's literal rule: quota_charge="upfront", work_conserving=False, seat_shares=False.
+    # "held" (ours): a running request counts what it holds plus its predicted remainder, and an
+    # adapter once per queue, recomputed every iteration.
+    quota_charge: str = attrs.field(default="held", validator=one_of("upfront", "held"))
+    work_conserving: bool = attrs.field(default=True, validator=boolean)  # ours: phase 3, FIFO
+    seat_shares: bool = attrs.field(default=True, validator=boolean)  # ours: quotas share seats too
     wrs_window: int = attrs.field(default=1024, validator=positive_int)  # recent WRS values clustered
     min_cluster_samples: int = attrs.field(default=DEFAULT_MIN_SAMPLES, validator=int_at_least(2))
     min_silhouette: float = attrs.field(
