@@ -44,18 +44,10 @@ from chameleon.harness.driver import POLICIES, run_workload, warm_up
 from chameleon.harness.length_factor import PAPER, length_population, length_scale_arg, paper_length_scale
 from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
 from chameleon.harness.report import format_table, results_json, write_plots
-from chameleon.harness.workload import (
-    PAPER_RANKS,
-    AdapterSpec,
-    Workload,
-    paper_workload,
-    slora_adapters,
-    scale_lengths,
-    slora_workload,
-    trace_workload,
-)
+from chameleon.harness.bench_workload import bind_adapters, clip_lengths, make_workload
+from chameleon.harness.workload import AdapterSpec, Workload, scale_lengths
 from chameleon.sched.options import SchedulerOptions
-from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, AnalyticCostModel
+from chameleon.sim.analytic import LINKS, AnalyticCostModel
 from chameleon.sim.engine import build_sim_engine
 from chameleon.sim.hardware import GPUS, MODELS, get_gpu, get_model
 from chameleon.sim.profile import CostProfile
@@ -63,6 +55,7 @@ from chameleon.sim.profile import CostProfile
 __all__ = ["add_bench_arguments", "run_bench", "main"]
 
 SIM_LABEL = "SIMULATED"
+MEMORY_SAMPLE_S = 1.0  # --plots: device memory sampled at most once per second of the run
 REAL_LABEL = "REAL"
 
 
@@ -110,6 +103,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sim: a model preset ({', '.join(MODELS)}; default llama-7b); real: a model directory",
     )
     g.add_argument("--profile", type=Path, help="sim: a cost profile from `chameleon calibrate` instead of a preset")
+    g.add_argument(
+        "--link",
+        choices=tuple(LINKS),
+        default="bandwidth",
+        help="sim: host->device link model (bandwidth: bytes / bandwidth; pageable: + a cost per tensor, fitted to Fig. 4)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per batch (default 128)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (default 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -165,62 +164,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Workloads
-# ------------------------------------------------------------------------------------------------
-
-
-def make_workload(args: argparse.Namespace, rate: float) -> Workload:
-    n = args.adapters
-    if args.workload == "paper":
-        if n is not None and (n <= 0 or n % len(PAPER_RANKS)):
-            raise ValueError(f"--workload paper needs --adapters a positive multiple of {len(PAPER_RANKS)}, got {n}")
-        per_rank = 20 if n is None else n // len(PAPER_RANKS)
-        return paper_workload(
-            rate=rate, duration_s=args.duration, seed=args.seed, trace=args.trace, alpha=args.alpha, per_rank=per_rank
-        )
-    if args.workload == "slora":
-        return slora_workload(
-            num_adapters=100 if n is None else n,
-            alpha=args.alpha,
-            rate=rate,
-            cv=args.cv,
-            duration_s=args.duration,
-            input_range=args.input_range,
-            output_range=args.output_range,
-            seed=args.seed,
-        )
-    adapters: Sequence[AdapterSpec] | None = None if n is None else slora_adapters(n, PAPER_RANKS)
-    return trace_workload(
-        args.trace, rate=rate, duration_s=args.duration, adapters=adapters, alpha=args.alpha, seed=args.seed
-    )
-
-
-def clip_lengths(workload: Workload, max_prompt_len: int | None, max_output_len: int | None) -> Workload:
-    """Clip prompt / output lengths (arrivals untouched)."""
-
-    def clip(value: int, limit: int | None) -> int:
-        return value if limit is None else max(1, min(value, limit))
-
-    requests = [
-        attrs.evolve(r, prompt_len=clip(r.prompt_len, max_prompt_len), output_len=clip(r.output_len, max_output_len))
-        for r in workload.requests
-    ]
-    return attrs.evolve(workload, requests=requests)
-
-
-def bind_adapters(workload: Workload, real: Sequence[AdapterSpec]) -> Workload:
-    """Rename the workload's adapters onto `real` ones, in order, cycling (real runs only)."""
-    if not workload.adapters:
-        return workload
-    mapping = {a.name: real[i % len(real)].name for i, a in enumerate(workload.adapters)}
-    requests = [attrs.evolve(r, adapter=None if r.adapter is None else mapping[r.adapter]) for r in workload.requests]
-    used = {mapping[a.name] for a in workload.adapters}
-    return Workload(
-        requests, [a for a in real if a.name in used], workload.description + " (adapters bound to real ones)"
-    )
-
-
-# ------------------------------------------------------------------------------------------------
 # Engines
 # ------------------------------------------------------------------------------------------------
 
@@ -266,7 +209,8 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
         }
     else:
         gpu, model = get_gpu(args.gpu), get_model(args.model or "llama-7b")
-        cost = AnalyticCostModel(gpu, model, A40_LLAMA7B_CALIBRATION)
+        calibration = LINKS[getattr(args, "link", "bandwidth")]
+        cost = AnalyticCostModel(gpu, model, calibration)
         row_bytes = cost.adapter_row_bytes
         max_len = args.max_model_len or model.max_model_len
         what = f"{gpu.name} · {model.name} · analytic cost model"
@@ -274,7 +218,7 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
             "cost_model": "analytic",
             "gpu": attrs.asdict(gpu),
             "model": attrs.asdict(model),
-            "calibration": attrs.asdict(A40_LLAMA7B_CALIBRATION),
+            "calibration": attrs.asdict(calibration),
         }
 
     def build(scheduler: str, cache: str, workload: Workload) -> tuple[EngineCore, Clock, Workload]:
@@ -286,6 +230,7 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
             adapters=workload.adapters,
             profile=profile,
             max_model_len=args.max_model_len,
+            **({} if profile else {"calibration": LINKS[getattr(args, "link", "bandwidth")]}),
             **common,  # type: ignore[arg-type]
         )
         return core, clock, workload
@@ -361,6 +306,7 @@ class RunResult:
     summary: RunSummary
     records: tuple[RequestRecord, ...]
     extra: Mapping[str, Any]
+    memory: tuple[tuple[float, int, int, int], ...] = ()  # (t, KV, adapter, idle bytes), with --plots
 
 
 class Bench:
@@ -407,7 +353,16 @@ class Bench:
             self.bar.set_description(f"{policy} @ {rate:g} rps")
         core, clock, workload = self.factory.build(scheduler, cache, workload)
         start = time.perf_counter()
-        records = run_workload(core, workload, clock, progress=self.bar)
+        memory: list[tuple[float, int, int, int]] = []
+        sample = None
+        if getattr(self.args, "plots", None) is not None:
+
+            def sample(t: float) -> None:
+                if not memory or t - memory[-1][0] >= MEMORY_SAMPLE_S:
+                    m = core.memory
+                    memory.append((t, m.kv_bytes, m.adapter_bytes, m.free_bytes))
+
+        records = run_workload(core, workload, clock, progress=self.bar, on_step=sample)
         wall = time.perf_counter() - start
         stats = core.stats()
         lookups = stats.adapter_hits + stats.adapter_misses
@@ -426,7 +381,7 @@ class Bench:
         if sim_stats is not None and hasattr(sim_stats, "load_wait_s"):
             extra["adapter_load_critical_s"] = sim_stats.load_wait_s
             extra["iterations"] = sim_stats.iterations
-        result = RunResult(policy, rate, summary, tuple(records), extra)
+        result = RunResult(policy, rate, summary, tuple(records), extra, tuple(memory))
         self.results[key] = result
         return result
 

@@ -141,11 +141,13 @@ def run_workload(
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
     stall_timeout_s: float = 60.0,
+    on_step: Callable[[float], None] | None = None,
 ) -> list[RequestRecord]:
     """Replay `workload` against `core` open-loop; one record per request, in workload order.
 
     `clock` must be the clock the core was built with. `stall_timeout_s` (real clocks only): with
     nothing left to arrive and no output for this long, the remaining requests are aborted.
+    `on_step(t)` runs after every step, `t` seconds into the run (e.g. to sample memory).
     """
     manual = isinstance(clock, ManualClock)
     t0 = clock.now()
@@ -165,6 +167,8 @@ def run_workload(
             continue
         outputs = core.step()
         after = clock.now()
+        if on_step is not None:
+            on_step(after - t0)
         for out in outputs:
             rec.output(out, after)
         if outputs:

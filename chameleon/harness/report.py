@@ -169,6 +169,11 @@ def write_plots(
         ax.grid(True, alpha=0.3)
         ax.legend()
         paths.append(_save(fig, directory / name))
+    from chameleon.harness.report_memory import memory_plot
+
+    path = memory_plot(directory / "memory_over_time.png", title, bench, policies, rates)
+    if path is not None:
+        paths.append(path)
     return paths
 
 

@@ -36,7 +36,8 @@ class _Timings:
 
     def __init__(self, cost: CostModel, ranks: Sequence[int], row_bytes: int, max_len: int) -> None:
         self.cost, self.max_len = cost, max_len
-        self.load = {r: cost.load_s(r * row_bytes) if r else 0.0 for r in ranks}
+        load = getattr(cost, "adapter_load_s", cost.load_s)
+        self.load = {r: load(r * row_bytes) if r else 0.0 for r in ranks}
         self._prefill: dict[tuple[int, int], float] = {}
         self.decode_cum: dict[int, np.ndarray] = {}
         for r in ranks:  # decode_cum[r][L]: decode steps that take the context from 1 to L tokens
