@@ -66,11 +66,11 @@ def test_slora_exact_admits_every_ten_decode_steps() -> None:
 
 def test_slora_exact_prefills_whole_prompts_and_stops_at_the_first_misfit() -> None:
     opts = SchedulerOptions(slora_max_wait_tokens=0)
-    s = mechanism(SLoRAPolicy(opts), kv_tokens=1024, max_num_batched_tokens=64)
-    for rid, prompt in (("0", 40), ("1", 40), ("2", 8)):
+    s = mechanism(SLoRAPolicy(opts), kv_tokens=300, max_num_batched_tokens=16)  # new prompts: max(50, 300)
+    for rid, prompt in (("0", 200), ("1", 200), ("2", 8)):
         s.add(request(rid, prompt, 4), 0.0)
     out = step(s, 0.0)
-    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 40)]  # no chunk of "1"
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("0", 200)]  # no chunk of "1"
 
 
 def test_slora_exact_reserves_prompt_plus_full_output() -> None:

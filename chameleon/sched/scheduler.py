@@ -167,7 +167,8 @@ class Scheduler:
         # Whole-prompt policies (S-LoRA) give the new prompts a token budget of their own.
         if not forced:
             whole = self.policy.whole_prompts
-            spent = self._admit(now, self._max_num_batched_tokens if whole else budget, scheduled, preempted)
+            own = getattr(self.policy, "prefill_token_budget", self._max_num_batched_tokens)
+            spent = self._admit(now, own if whole else budget, scheduled, preempted)
             budget = budget if whole else spent
 
         prefetches = self._prefetch(now, speculative)

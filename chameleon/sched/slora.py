@@ -5,7 +5,8 @@ S-LoRA (`slora/server/router/manager.py`, `req_queue.py`), rule by rule (sources
 - cadence: with requests running, new ones join only after `slora_max_wait_tokens` (10) decode
   steps since the last admission; with nothing running, at once;
 - whole prompts: a new request's prompt is prefilled in one iteration, never chunked
-  (`Scheduler` honours `whole_prompts`; the new prompts share `max_num_batched_tokens`);
+  (`Scheduler` honours `whole_prompts`); the new prompts share S-LoRA's default
+  `batch_max_tokens` = max(KV pool / 6, max_model_len) (`prefill_token_budget`);
 - reservation: a request joins only if the peak KV of the running requests and the new ones, each
   reserved for its prompt + full `max_tokens` output, fits the KV pool less the batch's adapters
   (S-LoRA's `_can_add_new_req`, 4r slots for a rank-r adapter);
@@ -81,6 +82,11 @@ class SLoRAPolicy(FifoPolicy):
     def walk(self, now: float) -> _ReservingWalk:  # type: ignore[override]
         due = not self.view.running or self._steps_since_admission >= self.options.slora_max_wait_tokens
         return _ReservingWalk(self, due)
+
+    @property
+    def prefill_token_budget(self) -> int:
+        """S-LoRA's default `batch_max_tokens`: max(1/6 of the KV pool, the longest request)."""
+        return max(self.view.kv_capacity_tokens // 6, self.view.max_model_len)
 
     def admitted(self, request: Request, now: float) -> None:
         super().admitted(request, now)
