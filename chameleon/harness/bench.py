@@ -16,7 +16,10 @@ rank, Zipf(alpha) within a rank, Poisson arrivals, lengths from the `--trace`), 
 generator: power-law(alpha) over `--adapters`, Gamma arrivals with `--cv`, uniform lengths), and
 `trace` (the trace's own arrival pattern rescaled to the rate). Prompts longer than the model's
 context are clipped to `max_model_len − 1` (`--max-prompt-len` clips further), outputs to
-`--max-output-len`; the core stops a request at the context length.
+`--max-output-len`; the core stops a request at the context length. `--length-scale C` scales
+prompt and output lengths by C before clipping; `--length-scale paper` derives C from the paper's
+SLO rule on the simulated GPU (`chameleon.harness.length_factor`) and prints it. `--link` picks the
+host->device link model; `--plots` adds a Fig. 6-style memory-over-time plot.
 
 The real executor (`--executor real --model DIR`) runs the same driver on wall time (a warm-up
 request first). Adapters there must be real PEFT adapters: `--adapter-dir DIR` holds one adapter per
