@@ -37,11 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_line  # noqa: E402
+from _machine import machine_line
 
-from chameleon.harness.bench import Bench, add_bench_arguments, sim_factory  # noqa: E402
-from chameleon.harness.driver import POLICIES  # noqa: E402
-from chameleon.harness.metrics import throughput_at_slo  # noqa: E402
+from chameleon.harness.bench import Bench, add_bench_arguments, sim_factory
+from chameleon.harness.driver import POLICIES
+from chameleon.harness.metrics import throughput_at_slo
 
 # SPEC §1: Chameleon vs S-LoRA, A40, Llama-7B.
 PAPER_RATES = (6.0, 8.0, 9.0)

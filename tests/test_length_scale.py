@@ -56,7 +56,7 @@ class _Linear:
 
 def test_bisection_finds_the_factor_of_the_slo_rule() -> None:
     cost = _Linear()
-    kw = dict(ranks=(0,), adapter_row_bytes=1, max_model_len=4096)
+    kw = {"ranks": (0,), "adapter_row_bytes": 1, "max_model_len": 4096}
     # p = o = 1000: latency(C) = C + 10 C - 0.01; target 5 s / 5 = 1 s -> C = 1.01 / 11.
     got = derive_length_scale(cost, [1000], [1000], **kw)
     assert got.scale == pytest.approx(1.01 / 11, abs=2e-3)

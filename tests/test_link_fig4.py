@@ -25,7 +25,7 @@ def test_pageable_link_keeps_the_ttft_by_rank_calibration_and_the_pcie_bound() -
 
 
 def test_fig4_more_adapters_cost_more_and_pageable_comes_closer() -> None:
-    kw = dict(duration_s=40.0)
+    kw = {"duration_s": 40.0}
     plain = fig4_ratios(A40_LLAMA7B_CALIBRATION, **kw)
     pageable = fig4_ratios(A40_LLAMA7B_PAGEABLE_CALIBRATION, **kw)
     assert 1.0 < plain[50] < pageable[50] and pageable[50] < pageable[500]

@@ -43,11 +43,11 @@ import attrs
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
+from chameleon.harness.bench_workload import bind_adapters, clip_lengths, make_workload
 from chameleon.harness.driver import POLICIES, run_workload, warm_up
 from chameleon.harness.length_factor import PAPER, length_population, length_scale_arg, paper_length_scale
 from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
 from chameleon.harness.report import format_table, results_json, write_plots
-from chameleon.harness.bench_workload import bind_adapters, clip_lengths, make_workload
 from chameleon.harness.workload import AdapterSpec, Workload, scale_lengths
 from chameleon.sched.options import SchedulerOptions
 from chameleon.sim.analytic import LINKS, AnalyticCostModel
@@ -55,7 +55,7 @@ from chameleon.sim.engine import build_sim_engine
 from chameleon.sim.hardware import GPUS, MODELS, get_gpu, get_model
 from chameleon.sim.profile import CostProfile
 
-__all__ = ["add_bench_arguments", "run_bench", "main"]
+__all__ = ["add_bench_arguments", "main", "run_bench"]
 
 SIM_LABEL = "SIMULATED"
 MEMORY_SAMPLE_S = 1.0  # --plots: device memory sampled at most once per second of the run
@@ -195,12 +195,12 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
     profile = CostProfile.from_json(args.profile) if args.profile else None
     cost: Any = profile
     row_bytes = profile.engine.adapter_row_bytes if profile is not None and profile.engine is not None else 0
-    common = dict(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
-        core_options={"scheduler_options": scheduler_options(args)},
-    )
+    common = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "seed": args.seed,
+        "core_options": {"scheduler_options": scheduler_options(args)},
+    }
     if profile is not None:
         assert profile.engine is not None
         max_len = args.max_model_len or profile.engine.max_model_len

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 
 import numpy as np
-from collections.abc import Sequence
 
 from chameleon.harness.traces import load_trace
 from chameleon.harness.workload import PAPER_RANKS, SLORA_RANKS
