@@ -226,8 +226,7 @@ class MLQPolicy(PolicyBase):
             self._withdraw()
 
     def _recount(self) -> None:
-        """`quota_charge="held"`: every running request's charge becomes what it holds now plus its
-        predicted remainder, its adapter counted once per queue (docs/scheduling.md)."""
+        """`quota_charge="held"`: charges become holdings + predicted remainder (docs/scheduling.md)."""
         ledger = QuotaLedger(self.ledger.quotas)
         self._queue_adapters = set()
         for request in self.view.running:
