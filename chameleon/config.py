@@ -13,8 +13,9 @@ from chameleon.validate import boolean, non_negative_int, one_of, optional_posit
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
-SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq"]
-AdapterCacheName = Literal["chameleon", "lru", "slora"]
+SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper"]
+AdapterCacheName = Literal["chameleon", "lru", "slora", "fairshare"]
+_SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper")
 
 _MiB = 1 << 20
 
@@ -48,14 +49,14 @@ class EngineConfig:
     num_kv_blocks: int | None = attrs.field(default=None, validator=optional_positive_int)
     max_num_seqs: int = attrs.field(default=128, validator=positive_int)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=positive_int)
-    scheduler: SchedulerName = attrs.field(default="chameleon", validator=one_of("chameleon", "fifo", "sjf", "mlfq"))
+    scheduler: SchedulerName = attrs.field(default="chameleon", validator=one_of(*_SCHEDULERS))
     scheduler_options: SchedulerOptions = attrs.field(factory=SchedulerOptions, validator=_options)
     # Adapters. Device memory for adapters is a pool of max_loras * max_lora_rank rank rows; any mix
     # of adapters whose ranks add up to that can be resident at once (no padding to the max rank).
     max_loras: int = attrs.field(default=8, validator=positive_int)
     max_lora_rank: int = attrs.field(default=64, validator=positive_int)
     lora_backend: LoRABackend = attrs.field(default="auto", validator=one_of("auto", "torch", "triton"))
-    adapter_cache: AdapterCacheName = attrs.field(default="chameleon", validator=one_of("chameleon", "lru", "slora"))
+    adapter_cache: AdapterCacheName = attrs.field(default="chameleon", validator=one_of("chameleon", "lru", "slora", "fairshare"))
     max_cpu_adapters: int | None = attrs.field(default=None, validator=optional_positive_int)  # host tier; None: all
     # Waiting requests whose adapters load ahead of admission; 0: off.
     adapter_prefetch_depth: int = attrs.field(default=8, validator=non_negative_int)

@@ -57,7 +57,7 @@ def test_short_sim_bench_writes_results_table_and_plots(tmp_path: Path, capsys: 
     assert data["results"]["fifo-lru"]["3"]["adapter_hit_rate"] >= data["results"]["slora"]["3"]["adapter_hit_rate"]
     assert data["results"]["slora"]["3"]["adapter_hit_rate"] < 1.0
     names = {p.name for p in plots.iterdir()}
-    assert names == {"ttft_cdf.png", "p99_ttft_vs_rate.png", "hit_rate_vs_rate.png"}
+    assert names == {"ttft_cdf.png", "p99_ttft_vs_rate.png", "hit_rate_vs_rate.png", "memory_over_time.png"}
     assert all((plots / n).stat().st_size > 1000 for n in names)
 
 

@@ -51,7 +51,9 @@ def req(rid: str, prompt: int, output: int, t: float = 0.0, adapter: str | None 
 
 
 def make_policy(view: FakeView, **options: object) -> MLQPolicy:
-    options = {"predictor": "oracle", **options}
+    # The paper's literal MLQ (these tests pin its rules); ours is tested in test_mlq_knee.py.
+    literal = {"quota_charge": "upfront", "work_conserving": False, "seat_shares": False, "early_first_refresh": False}
+    options = {"predictor": "oracle", **literal, **options}
     policy = MLQPolicy(make_predictor("oracle"), SchedulerOptions(**options))  # type: ignore[arg-type]
     policy.bind(view)
     return policy

@@ -16,7 +16,10 @@ rank, Zipf(alpha) within a rank, Poisson arrivals, lengths from the `--trace`), 
 generator: power-law(alpha) over `--adapters`, Gamma arrivals with `--cv`, uniform lengths), and
 `trace` (the trace's own arrival pattern rescaled to the rate). Prompts longer than the model's
 context are clipped to `max_model_len − 1` (`--max-prompt-len` clips further), outputs to
-`--max-output-len` and to what the context leaves after the prompt.
+`--max-output-len` and to what the context leaves after the prompt. `--length-scale C` scales
+prompt and output lengths by C before clipping; `--length-scale paper` derives C from the paper's
+SLO rule on the simulated GPU (`chameleon.harness.length_factor`) and prints it. `--link` picks the
+host->device link model; `--plots` adds a Fig. 6-style memory-over-time plot.
 
 The real executor (`--executor real --model DIR`) runs the same driver on wall time (a warm-up
 request first). Adapters there must be real PEFT adapters: `--adapter-dir DIR` holds one adapter per
@@ -41,27 +44,22 @@ from chameleon.clock import Clock, MonotonicClock
 from chameleon.config import EngineConfig
 from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
+from chameleon.harness.bench_workload import bind_adapters, clip_lengths, make_workload
 from chameleon.harness.driver import POLICIES, run_workload, warm_up
+from chameleon.harness.length_factor import PAPER, length_population, length_scale_arg, paper_length_scale
 from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
 from chameleon.harness.report import format_table, results_json, write_plots
-from chameleon.harness.workload import (
-    PAPER_RANKS,
-    AdapterSpec,
-    Workload,
-    paper_workload,
-    slora_adapters,
-    slora_workload,
-    trace_workload,
-)
+from chameleon.harness.workload import AdapterSpec, Workload, scale_lengths
 from chameleon.sched.options import SchedulerOptions
-from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION
+from chameleon.sim.analytic import LINKS, AnalyticCostModel
 from chameleon.sim.engine import build_sim_engine
 from chameleon.sim.hardware import GPUS, MODELS, get_gpu, get_model
 from chameleon.sim.profile import CostProfile
 
-__all__ = ["add_bench_arguments", "run_bench", "main"]
+__all__ = ["add_bench_arguments", "main", "run_bench"]
 
 SIM_LABEL = "SIMULATED"
+MEMORY_SAMPLE_S = 1.0  # --plots: device memory sampled at most once per second of the run
 REAL_LABEL = "REAL"
 
 
@@ -109,6 +107,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sim: a model preset ({', '.join(MODELS)}; default llama-7b); real: a model directory",
     )
     g.add_argument("--profile", type=Path, help="sim: a cost profile from `chameleon calibrate` instead of a preset")
+    g.add_argument(
+        "--link",
+        choices=tuple(LINKS),
+        default="bandwidth",
+        help="sim: host->device link model (bandwidth: bytes / bandwidth; pageable: + a cost per tensor, fitted to Fig. 4)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per batch (default 128)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per iteration (default 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -145,6 +149,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--cv", type=float, default=1.0, help="slora workload: coefficient of variation of the gaps")
     w.add_argument("--input-range", type=_int_range, default=(8, 512), help="slora workload: prompt lengths LO,HI")
     w.add_argument("--output-range", type=_int_range, default=(8, 512), help="slora workload: output lengths LO,HI")
+    w.add_argument(
+        "--length-scale",
+        type=length_scale_arg,
+        default=1.0,
+        help="scale prompt and output lengths by C before clipping; 'paper': derive C from the paper's "
+        "rule (TTFT SLO = 5x the mean unloaded latency) on the modelled GPU",
+    )
     w.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (default: context − 1)")
     w.add_argument("--max-output-len", type=int, default=None, help="clip outputs")
     w.add_argument("--seed", type=int, default=0)
@@ -154,62 +165,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, help="write results as JSON here")
     o.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-# ------------------------------------------------------------------------------------------------
-# Workloads
-# ------------------------------------------------------------------------------------------------
-
-
-def make_workload(args: argparse.Namespace, rate: float) -> Workload:
-    n = args.adapters
-    if args.workload == "paper":
-        if n is not None and (n <= 0 or n % len(PAPER_RANKS)):
-            raise ValueError(f"--workload paper needs --adapters a positive multiple of {len(PAPER_RANKS)}, got {n}")
-        per_rank = 20 if n is None else n // len(PAPER_RANKS)
-        return paper_workload(
-            rate=rate, duration_s=args.duration, seed=args.seed, trace=args.trace, alpha=args.alpha, per_rank=per_rank
-        )
-    if args.workload == "slora":
-        return slora_workload(
-            num_adapters=100 if n is None else n,
-            alpha=args.alpha,
-            rate=rate,
-            cv=args.cv,
-            duration_s=args.duration,
-            input_range=args.input_range,
-            output_range=args.output_range,
-            seed=args.seed,
-        )
-    adapters: Sequence[AdapterSpec] | None = None if n is None else slora_adapters(n, PAPER_RANKS)
-    return trace_workload(
-        args.trace, rate=rate, duration_s=args.duration, adapters=adapters, alpha=args.alpha, seed=args.seed
-    )
-
-
-def clip_lengths(workload: Workload, max_prompt_len: int | None, max_output_len: int | None) -> Workload:
-    """Clip prompt / output lengths (arrivals untouched)."""
-
-    def clip(value: int, limit: int | None) -> int:
-        return value if limit is None else max(1, min(value, limit))
-
-    requests = [
-        attrs.evolve(r, prompt_len=clip(r.prompt_len, max_prompt_len), output_len=clip(r.output_len, max_output_len))
-        for r in workload.requests
-    ]
-    return attrs.evolve(workload, requests=requests)
-
-
-def bind_adapters(workload: Workload, real: Sequence[AdapterSpec]) -> Workload:
-    """Rename the workload's adapters onto `real` ones, in order, cycling (real runs only)."""
-    if not workload.adapters:
-        return workload
-    mapping = {a.name: real[i % len(real)].name for i, a in enumerate(workload.adapters)}
-    requests = [attrs.evolve(r, adapter=None if r.adapter is None else mapping[r.adapter]) for r in workload.requests]
-    used = {mapping[a.name] for a in workload.adapters}
-    return Workload(
-        requests, [a for a in real if a.name in used], workload.description + " (adapters bound to real ones)"
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,6 +181,8 @@ class EngineFactory:
     build: Callable[[str, str, Workload], tuple[EngineCore, Clock, Workload]]
     max_model_len: int
     description: Mapping[str, Any]
+    cost: Any = None  # the cost model of a simulated run (`--length-scale paper` derives C on it)
+    adapter_row_bytes: int = 0
 
 
 def scheduler_options(args: argparse.Namespace) -> SchedulerOptions:
@@ -255,6 +212,8 @@ def engine_config(args: argparse.Namespace, scheduler: str, cache: str, **fields
 
 def sim_factory(args: argparse.Namespace) -> EngineFactory:
     profile = CostProfile.from_json(args.profile) if args.profile else None
+    cost: Any = profile
+    row_bytes = profile.engine.adapter_row_bytes if profile is not None and profile.engine is not None else 0
     if profile is not None:
         assert profile.engine is not None
         max_len = args.max_model_len or profile.engine.max_model_len
@@ -266,13 +225,16 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
         }
     else:
         gpu, model = get_gpu(args.gpu), get_model(args.model or "llama-7b")
+        calibration = LINKS[getattr(args, "link", "bandwidth")]
+        cost = AnalyticCostModel(gpu, model, calibration)
+        row_bytes = cost.adapter_row_bytes
         max_len = args.max_model_len or model.max_model_len
         what = f"{gpu.name} · {model.name} · analytic cost model"
         desc = {
             "cost_model": "analytic",
             "gpu": attrs.asdict(gpu),
             "model": attrs.asdict(model),
-            "calibration": attrs.asdict(A40_LLAMA7B_CALIBRATION),
+            "calibration": attrs.asdict(calibration),
         }
 
     def build(scheduler: str, cache: str, workload: Workload) -> tuple[EngineCore, Clock, Workload]:
@@ -290,10 +252,11 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
             config,
             adapters=workload.adapters,
             profile=profile,
+            **({} if profile else {"calibration": LINKS[getattr(args, "link", "bandwidth")]}),
         )
         return core, clock, workload
 
-    return EngineFactory(True, f"{SIM_LABEL} · {what}", build, max_len, desc)
+    return EngineFactory(True, f"{SIM_LABEL} · {what}", build, max_len, desc, cost, row_bytes)
 
 
 def real_factory(args: argparse.Namespace) -> EngineFactory:
@@ -349,6 +312,7 @@ class RunResult:
     summary: RunSummary
     records: tuple[RequestRecord, ...]
     extra: Mapping[str, Any]
+    memory: tuple[tuple[float, int, int, int], ...] = ()  # (t, KV, adapter, idle bytes), with --plots
 
 
 class Bench:
@@ -357,10 +321,29 @@ class Bench:
         self.results: dict[tuple[str, float], RunResult] = {}
         self._workloads: dict[float, Workload] = {}
         self.bar: Any = None
+        self.length_scale = self._length_scale()
+
+    def _length_scale(self) -> float:
+        """`--length-scale` as a number (`paper`: derived on the factory's cost model, printed)."""
+        value = getattr(self.args, "length_scale", 1.0)
+        if value != PAPER:
+            return float(value)
+        if self.factory.cost is None:
+            raise ValueError("--length-scale paper needs a simulated run (it derives C on the cost model)")
+        prompts, outputs, ranks = length_population(self.args)
+        derived = paper_length_scale(
+            self.factory.cost, prompts, outputs, ranks=ranks, adapter_row_bytes=self.factory.adapter_row_bytes,
+            max_model_len=self.factory.max_model_len, slo_ttft_s=self.args.slo_ttft,
+        )  # fmt: skip
+        print(
+            f"length scale (paper rule: {derived.target_s * 1e3:.0f} ms mean unloaded latency): C = {derived.scale:.4f}",
+            file=sys.stderr,
+        )
+        return derived.scale
 
     def workload(self, rate: float) -> Workload:
         if rate not in self._workloads:
-            w = make_workload(self.args, rate)
+            w = scale_lengths(make_workload(self.args, rate), self.length_scale)
             limit = self.factory.max_model_len - 1
             max_prompt = min(self.args.max_prompt_len or limit, limit)
             self._workloads[rate] = clip_lengths(w, max_prompt, self.args.max_output_len)
@@ -376,7 +359,16 @@ class Bench:
             self.bar.set_description(f"{policy} @ {rate:g} rps")
         core, clock, workload = self.factory.build(scheduler, cache, workload)
         start = time.perf_counter()
-        records = run_workload(core, workload, clock, progress=self.bar)
+        memory: list[tuple[float, int, int, int]] = []
+        sample = None
+        if getattr(self.args, "plots", None) is not None:
+
+            def sample(t: float) -> None:
+                if not memory or t - memory[-1][0] >= MEMORY_SAMPLE_S:
+                    m = core.memory
+                    memory.append((t, m.kv_bytes, m.adapter_bytes, m.free_bytes))
+
+        records = run_workload(core, workload, clock, progress=self.bar, on_step=sample)
         wall = time.perf_counter() - start
         stats = core.stats()
         lookups = stats.adapters.hits + stats.adapters.misses
@@ -395,7 +387,7 @@ class Bench:
         if sim_stats is not None and hasattr(sim_stats, "load_wait_s"):
             extra["adapter_load_critical_s"] = sim_stats.load_wait_s
             extra["iterations"] = sim_stats.iterations
-        result = RunResult(policy, rate, summary, tuple(records), extra)
+        result = RunResult(policy, rate, summary, tuple(records), extra, tuple(memory))
         self.results[key] = result
         return result
 
@@ -432,7 +424,7 @@ def run_bench(args: argparse.Namespace) -> int:
         factory = sim_factory(args) if args.executor == "sim" else real_factory(args)
         bench = Bench(args, factory, table)
         title = (
-            f"{factory.label}\n{args.workload} workload · {args.duration:g} s · "
+            f"{factory.label}\n{args.workload} workload · lengths x{bench.length_scale:.4g} · {args.duration:g} s · "
             f"SLO TTFT {args.slo_ttft:g} s / TBT {args.slo_tbt * 1e3:g} ms"
         )
         tput = _sweep_with_progress(bench, policies, rates)

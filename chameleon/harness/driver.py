@@ -25,10 +25,15 @@ __all__ = ["POLICIES", "PROMPT_TOKEN_ID", "Progress", "resolve_policy", "run_wor
 POLICIES: dict[str, tuple[str, str]] = {
     "chameleon": ("chameleon", "chameleon"),
     "slora": ("fifo", "slora"),
+    "slora-exact": ("slora-exact", "slora"),
     "slora-sjf": ("sjf", "slora"),
     "chameleon-nocache": ("chameleon", "slora"),
     "chameleon-nosched": ("fifo", "chameleon"),
     "chameleon-lru": ("chameleon", "lru"),
+    "chameleon-fairshare": ("chameleon", "fairshare"),
+    "chameleon-static": ("chameleon-static", "chameleon"),
+    "chameleon-k4": ("chameleon-k4", "chameleon"),
+    "chameleon-paper": ("chameleon-paper", "chameleon"),
     "fastserve": ("mlfq", "slora"),
 }
 
@@ -120,11 +125,13 @@ def run_workload(
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
     stall_timeout_s: float = 60.0,
+    on_step: Callable[[float], None] | None = None,
 ) -> list[RequestRecord]:
     """Replay `workload` against `core` open-loop; one record per request, in workload order.
 
     `clock` must be the clock the core was built with. `stall_timeout_s` (real clocks only): with
     nothing left to arrive and no output for this long, the remaining requests are aborted.
+    `on_step(t)` runs after every step, `t` seconds into the run (e.g. to sample memory).
     """
     manual = isinstance(clock, ManualClock)
     t0 = clock.now()
@@ -144,6 +151,8 @@ def run_workload(
             continue
         outputs = core.step()
         after = clock.now()
+        if on_step is not None:
+            on_step(after - t0)
         for out in outputs:
             rec.output(out, after)
         if outputs:

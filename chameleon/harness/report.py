@@ -59,6 +59,7 @@ def results_json(
                 "seed": args.seed,
                 "max_prompt_len": min(args.max_prompt_len or factory.max_model_len - 1, factory.max_model_len - 1),
                 "max_output_len": args.max_output_len,
+                "length_scale": bench.length_scale,
             },
             "slo": {"ttft_s": args.slo_ttft, "tbt_s": args.slo_tbt},
             "rates": list(rates),
@@ -168,6 +169,11 @@ def write_plots(
         ax.grid(True, alpha=0.3)
         ax.legend()
         paths.append(_save(fig, directory / name))
+    from chameleon.harness.report_memory import memory_plot
+
+    path = memory_plot(directory / "memory_over_time.png", title, bench, policies, rates)
+    if path is not None:
+        paths.append(path)
     return paths
 
 

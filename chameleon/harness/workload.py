@@ -24,6 +24,8 @@ __all__ = [
     "WorkloadRequest",
     "paper_adapters",
     "paper_workload",
+    "scale_length",
+    "scale_lengths",
     "slora_adapter_pmf",
     "slora_adapters",
     "slora_workload",
@@ -290,8 +292,10 @@ def paper_workload(
     per_rank: int = PAPER_ADAPTERS_PER_RANK,
     max_prompt_len: int | None = None,
     max_output_len: int | None = None,
+    length_scale: float = 1.0,
 ) -> Workload:
-    """The Chameleon paper's workload (see the module docstring)."""
+    """The Chameleon paper's workload (see the module docstring); lengths scaled by `length_scale`
+    before clipping (paper §3.2, `docs/workloads.md`)."""
     _check_positive(rate=rate, duration_s=duration_s)
     rows = load_trace(trace)
     rng = np.random.default_rng(seed)
@@ -299,21 +303,52 @@ def paper_workload(
     n = len(arrivals)
     idx = _pick_paper_adapters(rng, n, alpha, len(ranks), per_rank)
     row_idx = rng.integers(0, len(rows), n)
-    prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len)
+    prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len, length_scale)
     adapters = paper_adapters(ranks, per_rank)
     desc = (
         f"paper(rate={rate}, duration_s={duration_s}, seed={seed}, trace={trace_label(trace)}, alpha={alpha}, "
-        f"ranks={tuple(ranks)}, per_rank={per_rank}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len})"
+        f"ranks={tuple(ranks)}, per_rank={per_rank}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len}"
+        f"{_scale_desc(length_scale)})"
     )
     return _build(arrivals, prompt, output, [adapters[i].name for i in idx], adapters, desc)
 
 
+def scale_length(value: int, scale: float) -> int:
+    """One length scaled by `scale`: `max(1, round(value * scale))` (round half to even)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"length scale must be a positive finite number, got {scale!r}")
+    return max(1, int(round(value * scale)))
+
+
+def scale_lengths(workload: Workload, scale: float) -> Workload:
+    """Every prompt and output length scaled by `scale` (`scale_length`); arrivals untouched."""
+    if scale == 1.0:
+        return workload
+    requests = [
+        attrs.evolve(r, prompt_len=scale_length(r.prompt_len, scale), output_len=scale_length(r.output_len, scale))
+        for r in workload.requests
+    ]
+    return attrs.evolve(workload, requests=requests, description=workload.description + _scale_desc(scale))
+
+
+def _scale_desc(scale: float) -> str:
+    return "" if scale == 1.0 else f", length_scale={scale:.4g}"
+
+
 def _lengths(
-    rows: Sequence[TraceRow], idx: np.ndarray, max_prompt: int | None, max_output: int | None
+    rows: Sequence[TraceRow],
+    idx: np.ndarray,
+    max_prompt: int | None,
+    max_output: int | None,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Trace lengths of rows `idx`, zero clamped to 1 and optionally clipped."""
+    """Trace lengths of rows `idx`, scaled by `scale`, zero clamped to 1 and optionally clipped."""
     prompt = np.array([rows[i].context_tokens for i in idx], dtype=np.int64)
     output = np.array([rows[i].generated_tokens for i in idx], dtype=np.int64)
+    if scale != 1.0:
+        scale_length(1, scale)  # validates
+        prompt = np.rint(prompt * scale).astype(np.int64)
+        output = np.rint(output * scale).astype(np.int64)
     prompt = np.maximum(prompt, 1)
     output = np.maximum(output, 1)
     if max_prompt is not None:
@@ -339,21 +374,23 @@ def trace_workload(
     seed: int = 0,
     max_prompt_len: int | None = None,
     max_output_len: int | None = None,
+    length_scale: float = 1.0,
 ) -> Workload:
-    """Replay a trace's lengths and (rescaled) arrival pattern (see the module docstring)."""
+    """Replay a trace's lengths (scaled by `length_scale`, then clipped) and (rescaled) arrival
+    pattern (see the module docstring)."""
     if not 0.0 <= base_fraction <= 1.0:
         raise ValueError("base_fraction must be in [0, 1]")
     rows = sorted(load_trace(path_or_name), key=lambda r: r.timestamp_s)  # stable: ties keep file order
     if not rows:
         raise ValueError(f"trace {path_or_name!r} has no rows")
     offsets, row_idx = _replay_times(rows, rate, duration_s)
-    prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len)
+    prompt, output = _lengths(rows, row_idx, max_prompt_len, max_output_len, length_scale)
     rng = np.random.default_rng(seed)
     specs, names = _assign_adapters(rng, len(offsets), adapters, alpha, base_fraction)
     desc = (
         f"trace({trace_label(path_or_name)}, rate={rate}, duration_s={duration_s}, "
         f"adapters={'paper' if adapters is None else len(specs)}, alpha={alpha}, base_fraction={base_fraction}, "
-        f"seed={seed}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len})"
+        f"seed={seed}, max_prompt_len={max_prompt_len}, max_output_len={max_output_len}{_scale_desc(length_scale)})"
     )
     return _build(offsets, prompt, output, names, specs, desc)
 

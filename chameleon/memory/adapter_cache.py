@@ -16,7 +16,12 @@ Policies (`EngineConfig.adapter_cache`):
   Larger adapters cost more to reload, so they score higher and stay. Adapters of queued requests
   are evicted only when memory forces it, and then by the same score.
 - `lru`: idle adapters stay; least recently used goes first; queued requests do not protect.
-- `slora`: no idle cache (the S-LoRA baseline): an adapter leaves as soon as its RC reaches 0.
+- `slora`: no idle cache (the S-LoRA baseline): an adapter leaves as soon as its RC reaches 0 and
+  no queued request needs it. Like S-LoRA it still prefetches the adapters of queued requests
+  asynchronously into free memory ("asynchronous adapter prefetching without adapter caching",
+  Chameleon §5); such an adapter stays until its request has run, and leaves if that request is
+  aborted before (`queue`).
+- `fairshare` (the paper's Ch-FairShare baseline): `chameleon` with equal score weights 1/3 each.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import attrs
 from chameleon.errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError
 from chameleon.memory.budget import MemoryBudget
 
-CachePolicyName = Literal["chameleon", "lru", "slora"]
-CACHE_POLICIES: tuple[str, ...] = ("chameleon", "lru", "slora")
+CachePolicyName = Literal["chameleon", "lru", "slora", "fairshare"]
+CACHE_POLICIES: tuple[str, ...] = ("chameleon", "lru", "slora", "fairshare")
 SCORE_WEIGHTS = (0.45, 0.10, 0.45)  # frequency, recency, size (paper §4.2)
+FAIRSHARE_WEIGHTS = (1 / 3, 1 / 3, 1 / 3)  # Ch-FairShare (paper §6): equal F/R/S weights
 
 
 @attrs.define
@@ -120,6 +126,7 @@ class AdapterCache:
         if policy not in CACHE_POLICIES:
             raise ValueError(f"unknown adapter cache policy {policy!r}")
         self.policy = policy
+        self.weights = FAIRSHARE_WEIGHTS if policy == "fairshare" else SCORE_WEIGHTS
         self.budget = budget
         self.window_s = window_s
         self.rows = RowAllocator(capacity_rows)
@@ -165,9 +172,15 @@ class AdapterCache:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def queue(self, name: str, delta: int) -> None:
-        """A waiting request that needs `name` arrived (+1) or left the queue (-1)."""
-        self.entry(name).queued += delta
+    def queue(self, name: str, delta: int) -> str | None:
+        """A waiting request that needs `name` arrived (+1) or left the queue (-1). Returns the
+        adapter's name if `slora` evicted it (prefetched for a request that left without running)."""
+        entry = self.entry(name)
+        entry.queued += delta
+        if self.policy == "slora" and entry.queued == 0 and entry.evictable:
+            self._evict(entry)
+            return name
+        return None
 
     def can_acquire(self, name: str, now: float) -> bool:
         """True if `name` is resident or could be made resident by evicting idle adapters."""
@@ -196,7 +209,7 @@ class AdapterCache:
             raise RuntimeError(f"adapter {name!r}: reference count would go negative")
         entry.ref_count -= 1
         entry.last_used = now
-        if self.policy == "slora" and entry.evictable:
+        if self.policy == "slora" and entry.evictable and entry.queued == 0:
             self._evict(entry)
             return name
         return None
@@ -206,7 +219,7 @@ class AdapterCache:
         request needs (nor anything at all when `evict` is False, for speculative loads).
         Returns the load to start, or None (already resident, or no room)."""
         entry = self.entry(name)
-        if entry.resident or self.policy == "slora":  # slora has no idle memory to prefetch into
+        if entry.resident:
             return None
         acquired = self._make_resident(entry, now, protect_queued=True, evict=evict)
         if acquired is not None:
@@ -327,7 +340,7 @@ class AdapterCache:
         oldest = min(e.last_used for e in candidates)
         newest = max(e.last_used for e in candidates)
         rows_max = max(e.rows for e in candidates)
-        w_f, w_r, w_s = SCORE_WEIGHTS
+        w_f, w_r, w_s = self.weights
         return [
             w_f * (len(e.use_times) / freq_max if freq_max else 0.0)
             + w_r * ((e.last_used - oldest) / (newest - oldest) if newest > oldest else 1.0)

@@ -7,22 +7,36 @@ from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.sched.predictors import OutputLengthPredictor, make_predictor
 
-SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq")
+SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper")
+_LITERAL = {"quota_charge": "upfront", "work_conserving": False, "seat_shares": False}
+#: MLQ variants by scheduler name: options they override (docs/scheduling.md).
+MLQ_VARIANTS: dict[str, dict[str, object]] = {
+    "chameleon": {},
+    "chameleon-paper": _LITERAL,  # the paper's MLQ, read literally
+    "chameleon-k4": {"k_rule": "wcss"},  # K by minimal WCSS, read literally (K = 4)
+    "chameleon-static": {"k_rule": "static"},  # Ch-Static: 4 equal ranges, equal quotas
+}
 
 
 def make_policy(name: str, options: SchedulerOptions | None = None) -> AdmissionPolicy:
     options = options or SchedulerOptions()
     if name == "fifo":
         return FifoPolicy()
+    if name == "slora-exact":
+        from chameleon.sched.slora import SLoRAPolicy
+
+        return SLoRAPolicy(options)
     predictor = _predictor(options)
     if name == "sjf":
         from chameleon.sched.sjf import SjfPolicy
 
         return SjfPolicy(predictor)
-    if name == "chameleon":
+    if name in MLQ_VARIANTS:
+        import attrs
+
         from chameleon.sched.mlq.policy import MLQPolicy
 
-        return MLQPolicy(predictor, options)
+        return MLQPolicy(predictor, attrs.evolve(options, **MLQ_VARIANTS[name]))
     if name == "mlfq":
         from chameleon.sched.mlfq import MLFQPolicy
 

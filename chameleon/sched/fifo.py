@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 
 from chameleon.sched.policy import IndexWalk, PolicyBase, Walk
 from chameleon.sched.request import Request
@@ -24,6 +25,9 @@ class FifoPolicy(PolicyBase):
 
     def walk(self, now: float) -> Walk:
         return IndexWalk(self, self._queue)
+
+    def lookahead(self, now: float, limit: int) -> list[Request]:
+        return list(islice(self._queue, limit))
 
     def admitted(self, request: Request, now: float) -> None:
         self._queue.remove(request)

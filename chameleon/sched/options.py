@@ -30,8 +30,20 @@ class SchedulerOptions:
     # Chameleon MLQ (paper §4.3).
     slo_ttft_s: float = attrs.field(default=5.0, validator=positive)
     refresh_period_s: float = attrs.field(default=300.0, validator=positive)  # paper: 5 minutes
+    # Ours: the first refresh as soon as `min_cluster_samples` sizes are known, not 5 min in.
+    early_first_refresh: bool = attrs.field(default=True, validator=boolean)
     k_max: int = attrs.field(default=4, validator=int_at_least(1))
+    # K rule: "silhouette" (ours), "wcss" (the paper's "minimal WCSS", read literally: K = k_max),
+    # "static" (Ch-Static: k_max equal WRS ranges and equal token quotas).
+    k_rule: str = attrs.field(default="silhouette", validator=one_of("silhouette", "wcss", "static"))
     bypass: bool = attrs.field(default=True, validator=boolean)
+    # How MLQ's quotas meet the resources that bind (docs/scheduling.md, "MLQ at the knee"). The
+    # paper's literal rule: quota_charge="upfront", work_conserving=False, seat_shares=False.
+    # "held" (ours): a running request counts what it holds plus its predicted remainder, and an
+    # adapter once per queue, recomputed every iteration.
+    quota_charge: str = attrs.field(default="held", validator=one_of("upfront", "held"))
+    work_conserving: bool = attrs.field(default=True, validator=boolean)  # ours: phase 3, FIFO
+    seat_shares: bool = attrs.field(default=True, validator=boolean)  # ours: quotas share seats too
     wrs_window: int = attrs.field(default=1024, validator=positive_int)  # recent WRS values clustered
     min_cluster_samples: int = attrs.field(default=DEFAULT_MIN_SAMPLES, validator=int_at_least(2))
     min_silhouette: float = attrs.field(
@@ -42,6 +54,10 @@ class SchedulerOptions:
     default_service_s: float = attrs.field(default=1.0, validator=positive)  # D before any finish
     input_weight: float = attrs.field(default=0.4, validator=number(lambda v: v >= 0 and v < float("inf"), ">= 0"))
     output_weight: float = attrs.field(default=0.6, validator=number(lambda v: v >= 0 and v < float("inf"), ">= 0"))
+    # S-LoRA's own admission (`slora-exact`, sched/slora.py; sources in docs/scheduling.md).
+    slora_max_wait_tokens: int = attrs.field(default=10, validator=int_at_least(0))  # S-LoRA: 10
+    slora_whole_prompt: bool = attrs.field(default=True, validator=boolean)
+    slora_reserve_output: bool = attrs.field(default=True, validator=boolean)
     # FastServe skip-join MLFQ.
     mlfq_levels: int = attrs.field(default=6, validator=positive_int)
     mlfq_base_quantum_s: float = attrs.field(default=0.05, validator=positive)  # level i: base * 2**i
@@ -56,7 +72,11 @@ class SchedulerOptions:
     def fit_layout(self, values: Sequence[float]) -> QueueLayout:
         """Queue layout for recent WRS values under these options' K rule."""
         return QueueLayout.fit(
-            values, k_max=self.k_max, min_samples=self.min_cluster_samples, min_silhouette=self.min_silhouette
+            values,
+            k_max=self.k_max,
+            min_samples=self.min_cluster_samples,
+            min_silhouette=self.min_silhouette,
+            k_rule=self.k_rule,
         )
 
     def estimator(self, start_s: float) -> ArrivalRateEstimator:

@@ -82,6 +82,13 @@ class AdmissionPolicy(Protocol):
     #: True if a request this policy preempts keeps its KV in host memory (swapped out and back
     #: in later) instead of dropping it and recomputing.
     swap_preempted: bool
+    #: True if a newly admitted request must prefill its whole prompt in its first iteration
+    #: (S-LoRA); the new prompts then share one `max_num_batched_tokens` of their own.
+    whole_prompts: bool
+
+    def lookahead(self, now: float, limit: int) -> list[Request]:
+        """The next `limit` waiting requests in admission order, admitting nothing (prefetch)."""
+        ...
 
     def bind(self, view: SchedulingView) -> None:
         """Called once by the scheduler before anything else."""
@@ -158,6 +165,7 @@ class PolicyBase:
     """Defaults for the parts of the protocol most policies do not care about, and shared counters."""
 
     swap_preempted = False
+    whole_prompts = False
 
     def __init__(self) -> None:
         self.counters = AdmissionCounters()
@@ -179,6 +187,9 @@ class PolicyBase:
         finally:
             walk.close()
         return out
+
+    def lookahead(self, now: float, limit: int) -> list[Request]:
+        return self.peek(now, limit)
 
     def skip_blocked(self, request: Request) -> bool:
         return False

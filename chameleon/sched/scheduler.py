@@ -164,8 +164,12 @@ class Scheduler:
                 budget -= num_new
 
         # 2. Admit waiting requests, unless memory was so short that we just had to preempt.
+        # Whole-prompt policies (S-LoRA) give the new prompts a token budget of their own.
         if not forced:
-            budget = self._admit(now, budget, scheduled, preempted)
+            whole = self.policy.whole_prompts
+            own = getattr(self.policy, "prefill_token_budget", self._max_num_batched_tokens)
+            spent = self._admit(now, own if whole else budget, scheduled, preempted)
+            budget = budget if whole else spent
 
         prefetches = self._prefetch(now, speculative)
         return self._pending.flush(scheduled, preempted, prefetches)
@@ -182,6 +186,11 @@ class Scheduler:
                     walk.reject()
                     continue
                 num_new = min(request.num_tokens_to_compute, budget)
+                if num_new < request.num_tokens_to_compute and self.policy.whole_prompts:
+                    walk.reject()  # its whole prompt does not fit this iteration's budget
+                    if not self.policy.skip_blocked(request):
+                        break
+                    continue
                 if self._try_admit(request, num_new, now, walk):
                     scheduled.append(ScheduledRequest(request, num_new))
                     budget -= num_new
@@ -216,6 +225,8 @@ class Scheduler:
         Requests already placed in this iteration's batch are not candidates: their KV is in use."""
         target = request.num_computed_tokens + num_new
         victims: list[Request] = []
+        if self._allocate_kv(request, target, now):  # the common case: no set of the batch needed
+            return True, victims
         taken = {id(s.request) for s in scheduled}
         while not self._allocate_kv(request, target, now):
             victim = self.policy.victim([r for r in self._running if id(r) not in taken])
@@ -258,17 +269,9 @@ class Scheduler:
         """Load the adapters of the next waiting requests (and predicted arrivals) ahead of time."""
         wanted: dict[str, bool] = {}  # adapter -> may evict idle adapters nobody queues for
         if self.prefetch_depth:
-            walk = self.policy.walk(now)
-            try:
-                for _ in range(self.prefetch_depth):
-                    request = walk.next()
-                    if request is None:
-                        break
-                    walk.reject()  # a look-ahead: nothing is admitted
-                    if request.adapter is not None:
-                        wanted.setdefault(request.adapter, True)
-            finally:
-                walk.close()
+            for request in self.policy.lookahead(now, self.prefetch_depth):  # admits nothing
+                if request.adapter is not None:
+                    wanted.setdefault(request.adapter, True)
         for name in speculative:
             wanted.setdefault(name, False)
         out = []
@@ -281,7 +284,9 @@ class Scheduler:
 
     def _queued(self, request: Request, delta: int) -> None:
         if request.adapter is not None:
-            self.adapters.queue(request.adapter, delta)
+            evicted = self.adapters.queue(request.adapter, delta)
+            if evicted is not None:
+                self._pending.evictions.append(evicted)
 
     def _block_bytes(self) -> int:
         return self.blocks.budget.kv_block_bytes if self.blocks.budget is not None else 0

@@ -196,7 +196,8 @@ class SimulatedExecutor:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered with the simulator") from None
         nbytes = rank * self._row_bytes
         self.stats.bytes_loaded += nbytes
-        return self.cost.load_s(nbytes)
+        adapter_load = getattr(self.cost, "adapter_load_s", None)  # the analytic link model's
+        return adapter_load(nbytes) if adapter_load is not None else self.cost.load_s(nbytes)
 
     def _start_copy(self, name: str) -> float:
         """Queue a copy on the link; returns when it ends."""

@@ -112,9 +112,10 @@ def _silhouette(x: np.ndarray, bounds: tuple[int, ...]) -> float:
 
 
 def _fit(
-    values: Sequence[float], k_max: int, min_samples: int, min_silhouette: float
+    values: Sequence[float], k_max: int, min_samples: int, min_silhouette: float, k_rule: str = "silhouette"
 ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The sorted sample and the run boundaries of the chosen K (module docstring's rule)."""
+    """The sorted sample and the run boundaries of the chosen K: by silhouette, or `k_rule="wcss"`,
+    the paper's "minimal WCSS" read literally (WCSS only falls with K, so K = min(k_max, distinct))."""
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max!r}")
     x = _sorted_sample(values)
@@ -124,6 +125,8 @@ def _fit(
         return x, single
     k_cap = min(k_max, distinct)
     bounds = _optimal_bounds(x, k_cap)
+    if k_rule == "wcss":
+        return x, bounds[k_cap]
     scores = {k: _silhouette(x, bounds[k]) for k in range(2, k_cap + 1)}
     best = max(scores, key=lambda k: (scores[k], -k))  # highest score, smaller K on ties
     return (x, bounds[best]) if scores[best] >= min_silhouette else (x, single)
@@ -147,9 +150,10 @@ def queue_cutoffs(
     *,
     min_samples: int = DEFAULT_MIN_SAMPLES,
     min_silhouette: float = DEFAULT_MIN_SILHOUETTE,
+    k_rule: str = "silhouette",
 ) -> tuple[float, ...]:
     """The K - 1 midpoints between consecutive sorted centroids of the chosen K (() for one queue)."""
-    x, bounds = _fit(values, k_max, min_samples, min_silhouette)
+    x, bounds = _fit(values, k_max, min_samples, min_silhouette, k_rule)
     centroids = _centroids(x, bounds)
     return tuple((lo + hi) / 2 for lo, hi in zip(centroids, centroids[1:]))
 
@@ -187,8 +191,21 @@ class QueueLayout:
         k_max: int = 4,
         min_samples: int = DEFAULT_MIN_SAMPLES,
         min_silhouette: float = DEFAULT_MIN_SILHOUETTE,
+        k_rule: str = "silhouette",
     ) -> QueueLayout:
-        """Layout for recent WRS values; one queue when `values` is empty."""
+        """Layout for recent WRS values; one queue when `values` is empty. `k_rule`: "silhouette",
+        "wcss" (K = k_max, the paper's literal rule) or "static" (Ch-Static: k_max equal ranges
+        between the smallest and largest value, no clustering)."""
         if len(values) == 0:
             return cls()
-        return cls(queue_cutoffs(values, k_max, min_samples=min_samples, min_silhouette=min_silhouette))
+        if k_rule == "static":
+            return cls.equal_ranges(values, k_max)
+        return cls(queue_cutoffs(values, k_max, min_samples=min_samples, min_silhouette=min_silhouette, k_rule=k_rule))
+
+    @classmethod
+    def equal_ranges(cls, values: Sequence[float], k: int) -> QueueLayout:
+        """k queues of equal WRS range over [min(values), max(values)] (one if they are all equal)."""
+        lo, hi = float(min(values)), float(max(values))
+        if not hi > lo or k < 2:
+            return cls()
+        return cls(tuple(lo + (hi - lo) * i / k for i in range(1, k)))

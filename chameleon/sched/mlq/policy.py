@@ -1,11 +1,8 @@
 """Chameleon's quota-based multi-level queue (paper §4.3) behind the `AdmissionPolicy` interface.
 
-Requests are sized by WRS at arrival, placed in queues by K-means cut-offs refreshed every
-`refresh_period_s`, and admitted in two phases: each queue from its own M/M/1 quota (smallest
-queue first), then from the leftover of idle queues. A head whose adapter cannot fit may be
-bypassed by a younger request of its queue predicted to finish first (squashed if memory frees
-first). The arithmetic is in `sizing`, `clustering`, `quotas` and `estimators`; every rule, estimate
-and its reason is in `docs/scheduling.md` (MLQ).
+Requests are sized by WRS, queued by K-means cut-offs, and admitted from per-queue M/M/1 quotas,
+then the leftover (phases in `docs/scheduling.md`, MLQ). A head whose adapter cannot fit may be
+bypassed by a younger request predicted to finish first (squashed if memory frees first).
 """
 
 from __future__ import annotations
@@ -13,6 +10,7 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import math
 from collections import deque
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -32,6 +30,7 @@ from chameleon.sched.request import Request
 __all__ = ["BYPASS_SCAN", "MLQPolicy"]
 
 BYPASS_SCAN = 64  # younger requests of a blocked head's queue considered as bypassers
+PHASE3_SCAN = 256  # oldest waiting requests phase 3 offers in one iteration
 
 
 def remaining_predicted(entry: _Entry | None) -> int:
@@ -100,6 +99,7 @@ class MLQPolicy(PolicyBase):
         self._left: dict[str, _Entry] = {}  # left running, not (yet) requeued or completed
         self._bypassers: dict[str, _Entry] = {}
         self._offer: _Offer | None = None
+        self._queue_adapters: set[tuple[int, str | None]] = set()  # (queue, adapter) held by running
         self._wrs_window: deque[float] = deque(maxlen=self.options.wrs_window)
         self._events: deque[tuple[float, float, float, bool]] = deque()  # (t, wrs, tokens|service, arrival?)
         self._estimators: list[ArrivalRateEstimator] = []
@@ -163,6 +163,7 @@ class MLQPolicy(PolicyBase):
             offer = _Offer(entry, leftover=False, bypassed=None)
         self._unlink(entry)
         entry.waiting = False
+        self._note_adapter(entry)
         counters = self._counters[entry.queue]
         counters.admissions += 1
         counters.leftover_admissions += offer.leftover
@@ -205,7 +206,10 @@ class MLQPolicy(PolicyBase):
         return self._squashes(now)
 
     def walk(self, now: float) -> Walk:
-        return GeneratorWalk(self, self._offers(self._tick(now)))
+        now = self._tick(now)
+        if self.options.quota_charge == "held":
+            self._recount()
+        return GeneratorWalk(self, self._offers(now))
 
     def _offers(self, now: float) -> Generator[Request, None, None]:
         spilled: list[int] = []  # queues stopped by their own quota: they go on in phase 2
@@ -215,8 +219,34 @@ class MLQPolicy(PolicyBase):
                     spilled.append(q)
             for q in spilled:
                 yield from self._phase2(q)
+            if self.options.work_conserving:
+                yield from self._phase3()
         finally:
             self._withdraw()
+
+    def _recount(self) -> None:
+        """`quota_charge="held"`: charges become holdings + predicted remainder (docs/scheduling.md)."""
+        ledger = QuotaLedger(self.ledger.quotas)
+        self._queue_adapters = set()
+        for request in self.view.running:
+            entry = self._entries.get(request.request_id)
+            if entry is not None and entry.rid not in ledger.charges:
+                ledger.force(entry.queue, self._charge(entry), entry.rid)
+                self._note_adapter(entry)
+        self.ledger = ledger
+
+    def _note_adapter(self, entry: _Entry) -> None:
+        if entry.request.adapter is not None:
+            self._queue_adapters.add((entry.queue, entry.request.adapter))
+
+    def _phase3(self) -> Generator[Request, None, None]:
+        """Work conservation (ours): whatever the quotas left unadmitted may still run, oldest first
+        across all queues, while the mechanism has seats, tokens and memory; nothing is charged
+        beyond what the next recount sees it hold."""
+        waiting = sorted((e for q in self._queues for e in q), key=lambda e: e.key)
+        for entry in waiting[:PHASE3_SCAN]:
+            if entry.waiting:
+                yield from self._try(entry, 0, [entry.queue], None)
 
     def skip_blocked(self, request: Request) -> bool:
         return True
@@ -264,7 +294,7 @@ class MLQPolicy(PolicyBase):
         while self._queues[q]:
             head = self._queues[q][0]
             cost = self._charge(head)
-            if cost > self.ledger.remaining(q):
+            if cost > self.ledger.remaining(q) or not self._seat_left(q):
                 return True
             if self._adapter_blocked(head, now):
                 yield from self._bypass(q, head, now)
@@ -318,8 +348,21 @@ class MLQPolicy(PolicyBase):
             self.ledger.give_back(offer.entry.rid)
 
     def _charge(self, entry: _Entry) -> int:
-        """The request's cost, capped at its queue's whole quota (module docstring)."""
-        return min(entry.cost(), self.ledger.quotas[entry.queue])
+        """The request's cost, capped at its queue's whole quota (module docstring). Under
+        `quota_charge="held"` an adapter another request of the queue already holds costs nothing."""
+        cost = entry.cost()
+        if self.options.quota_charge == "held" and (entry.queue, entry.request.adapter) in self._queue_adapters:
+            cost -= entry.adapter_tokens
+        return min(cost, self.ledger.quotas[entry.queue])
+
+    def _seat_left(self, q: int) -> bool:
+        """`seat_shares` (ours): a queue holds at most its quota's share of `max_num_seqs` seats."""
+        if not self.options.seat_shares or self.layout.num_queues == 1:
+            return True
+        total = sum(self.ledger.quotas) or 1
+        share = max(1, math.ceil(self.view.max_num_seqs * self.ledger.quotas[q] / total))
+        used = sum(1 for c in self.ledger.charges.values() if c.queue == q)
+        return used < share
 
     # --- bypass and squash -------------------------------------------------------------------
 
@@ -379,7 +422,8 @@ class MLQPolicy(PolicyBase):
             self._next_refresh = self._now + self.options.refresh_period_s
             self._estimators = [self.options.estimator(self._start) for _ in range(self.layout.num_queues)]
             self._estimator_layout = self.layout
-        if self._now >= self._next_refresh and self._offer is None:
+        first = self.refreshes == 0 and len(self._wrs_window) >= self.options.min_cluster_samples
+        if (self._now >= self._next_refresh or (first and self.options.early_first_refresh)) and self._offer is None:
             self.refresh(self._now)
         return self._now
 
@@ -392,8 +436,14 @@ class MLQPolicy(PolicyBase):
         demand = [0] * layout.num_queues
         for entry in self._entries.values():
             demand[layout.queue_of(entry.wrs)] += entry.cost()
-        stats = [e.stats(now, demand[q]) for q, e in enumerate(self._estimators)]
-        self.apply_layout(layout, assign_quotas(self.view.kv_capacity_tokens, stats, slo_s=self.options.slo_ttft_s))
+        total = self.view.kv_capacity_tokens
+        if self.options.k_rule == "static":  # Ch-Static: equal token quotas
+            k = layout.num_queues
+            quotas: Sequence[int] = [total // k + (q < total % k) for q in range(k)]
+        else:
+            stats = [e.stats(now, demand[q]) for q, e in enumerate(self._estimators)]
+            quotas = assign_quotas(total, stats, slo_s=self.options.slo_ttft_s)
+        self.apply_layout(layout, quotas)
 
     def apply_layout(self, layout: QueueLayout, quotas: Sequence[int]) -> None:
         """Impose a layout and its quotas: re-place every request by WRS, reset the ledger (in-flight

@@ -175,6 +175,11 @@ class QuotaLedger:
         self._record(Charge(holder, queue, tuple(parts) or ((queue, 0),)))
         return True
 
+    def force(self, queue: int, cost: int, holder: Hashable) -> None:
+        """Record what `holder` holds now, even past `queue`'s quota (a recount of holdings)."""
+        self._check_new(holder, cost)
+        self._record(Charge(holder, self._index(queue), ((queue, cost),)))
+
     def give_back(self, holder: Hashable) -> Charge:
         """Release everything `holder` took, to the queues it came from; returns that charge."""
         charge = self._charges.pop(holder, None)
