@@ -28,3 +28,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+gpu-check:
+	PYTHONPATH=. HF_HUB_OFFLINE=1 $(PY) -m chameleon.check_gpu
