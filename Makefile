@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean typecheck
+.PHONY: demo test bench install clean typecheck gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ clean:
 typecheck: $(STAMP)
 	$(PY) -m pip install --quiet mypy
 	$(PY) -m mypy chameleon
+
+# On a lent GPU machine: its preinstalled python3, from source, no venv, no pip.
+gpu-check:
+	PYTHONPATH=. HF_HUB_OFFLINE=1 $(PYTHON) -m chameleon.check_gpu
