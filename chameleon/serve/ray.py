@@ -18,9 +18,10 @@ replicas Ray starts later). A replica that dies mid-request ends the request wit
 `replica_unavailable` error (503, or an SSE error event); Ray replaces the replica.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `serve.ingress` rewrites the route functions, and
+# FastAPI must see `Request` as a class, not a string it can no longer resolve.
 import asyncio
+import importlib
 import json
 import logging
 import time
@@ -38,10 +39,10 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from chameleon.serve.ray_metrics import render_fleet_metrics
 from chameleon.serve.routing import AffinityRouter, ReplicaState
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # Serve configures and files this one
 REPLICA_HEADER = "x-chameleon-replica"
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-_LIVE_ROUTERS: list[AffinityRequestRouter] = []  # routers in this process (the ingress reads their stats)
+_LIVE_ROUTERS: "list[AffinityRequestRouter]" = []  # routers in this process (the ingress reads their stats)
 
 
 @attrs.frozen
@@ -79,7 +80,9 @@ class AffinityRequestRouter(RequestRouter):
         self.sent: dict[str, dict[str, int]] = {}  # replica -> adapter -> requests routed, unfinished
         self.assumed: dict[str, set[str]] = {}  # replica -> adapters sent there since its last report
         self.request_adapter: dict[str, tuple[str, str]] = {}
-        _LIVE_ROUTERS.append(self)
+        # Serve ships this class by value; register in the imported module's list, not a copy.
+        importlib.import_module(__name__)._LIVE_ROUTERS.append(self)
+        log.info("affinity request router started (spread_queue=%d)", spread_queue)
 
     def state_of(self, r: RunningReplica) -> ReplicaState:
         rid = r.replica_id.unique_id
@@ -128,6 +131,18 @@ class AffinityRequestRouter(RequestRouter):
         return {rid.unique_id: dict(r.routing_stats or {}) for rid, r in self.curr_replicas.items()}
 
 
+def fleet_stats() -> dict[str, dict[str, Any]]:
+    """Every replica's last routing stats, from the routers of this process.
+
+    Serve ships the router and ingress classes by value, each with its own copy of the module's
+    globals; both go through the imported module so they share one `_LIVE_ROUTERS`.
+    """
+    fleet: dict[str, dict[str, Any]] = {}
+    for router in importlib.import_module(__name__)._LIVE_ROUTERS:
+        fleet.update(router.fleet_stats())
+    return fleet
+
+
 # --- one engine replica ----------------------------------------------------------------------
 
 
@@ -140,13 +155,25 @@ class EngineReplica:
 
         self.engine = AsyncEngine.from_pretrained(model, EngineConfig(**engine_kwargs))
         self.app = build_app(self.engine, manage_engine=True, **app_kwargs)
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
+        self._stop = asyncio.Event()
+        self._lifespan = asyncio.create_task(self._run_lifespan(ready := asyncio.Event()))
+        await ready.wait()
+        if self._lifespan.done():  # the engine failed to start: raise its error
+            self._lifespan.result()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         self.actor_name = ctx.replica_id.to_full_id_str()
         self.applied = 0  # admin ops replayed so far
         self.sync_lock = asyncio.Lock()
+
+    async def _run_lifespan(self, ready: asyncio.Event) -> None:
+        """The app's lifespan (engine start, startup adapters, stop) in one task, as anyio needs."""
+        try:
+            async with self.app.router.lifespan_context(self.app):
+                ready.set()
+                await self._stop.wait()
+        finally:
+            ready.set()
 
     async def handle(self, req: Forwarded, ops: list[AdminOp], op_seq: int | None) -> AsyncIterator[Any]:
         """Replay unseen admin ops, then stream the app's answer: a header dict, then body bytes."""
@@ -186,7 +213,8 @@ class EngineReplica:
         }
 
     async def __del__(self) -> None:
-        await self._lifespan.__aexit__(None, None, None)
+        self._stop.set()
+        await self._lifespan
 
 
 async def _call_asgi(app: Any, req: Forwarded) -> AsyncIterator[Any]:
@@ -273,16 +301,13 @@ class Ingress:
 
     @proxy_app.get("/metrics")
     async def metrics(self) -> Response:
-        fleet: dict[str, dict[str, Any]] = {}
-        for router in _LIVE_ROUTERS:
-            fleet.update(router.fleet_stats())
-        text = render_fleet_metrics(fleet, self.served, self.failed)
+        text = render_fleet_metrics(fleet_stats(), self.served, self.failed)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @proxy_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
-    async def forward(self, request: Request, path: str) -> Response:
+    async def forward(self, request: Request) -> Response:
         body = await request.body()
-        req = Forwarded(request.method, "/" + path, request.url.query.encode(), list(request.headers.raw), body)
+        req = Forwarded(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body)
         if req.path in ADMIN_PATHS:
             async with self.admin_lock:
                 seq = len(self.ops)
