@@ -129,3 +129,29 @@ def _record(out: RequestOutput, adapter: str | None) -> RequestRecord:
         output_len=m.num_generated_tokens,
         finish_reason=out.finish_reason or "length",
     )
+
+
+def run_fleet_bench(
+    args: Any, sim_factory: Callable[[Any], Any], table: dict[str, tuple[str, str]], policies: list[str], rates: list[float]
+) -> int:
+    """`chameleon bench --replicas N --router R[,R...]`: one row per policy, rate and router."""
+    from chameleon.harness.bench import make_workload
+    from chameleon.harness.metrics import summarize
+
+    if args.executor != "sim":
+        print("error: --replicas is simulator-only (use `chameleon serve --replicas` for real ones)")
+        return 2
+    factory = sim_factory(args)
+    routers = [r.strip() for r in args.router.split(",") if r.strip()]
+    print(f"{factory.label} · {args.replicas} replicas · {args.workload} workload · {args.duration:g} s")
+    print(f"{'policy':<12} {'rate':>6} {'router':<12} {'hit rate':>9} {'P99 TTFT s':>11} {'SLO att.':>9}")
+    for policy in policies:
+        scheduler, cache = table[policy]
+        for rate in rates:
+            for router in routers:
+                w = make_workload(args, rate)
+                reps = [SimReplica(f"r{i}", *factory.build(scheduler, cache, w)[:2]) for i in range(args.replicas)]
+                res = run_fleet(reps, w, router)
+                s = summarize(res.records, slo_ttft_s=args.slo_ttft, slo_tbt_s=args.slo_tbt)
+                print(f"{policy:<12} {rate:>6g} {router:<12} {res.hit_rate:>9.3f} {s.ttft_p99_s:>11.3f} {s.slo_attainment:>9.3f}")
+    return 0
