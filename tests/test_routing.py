@@ -61,3 +61,21 @@ def test_from_stats_and_fleet_metrics() -> None:
     out = render_fleet_metrics({"r1": {"metrics": text, "device": ["x"]}}, {"r1": 4}, 1).decode()
     assert 'chameleon:kv_blocks_in_use{model_name="m",replica="r1"} 3.0' in out
     assert 'chameleon:replica_requests_total{replica="r1"} 4.0' in out
+
+
+def test_fleet_simulation_routes_with_the_same_code() -> None:
+    from chameleon.config import EngineConfig
+    from chameleon.harness.fleet import SimReplica, run_fleet
+    from chameleon.harness.workload import slora_workload
+    from chameleon.sim.engine import build_sim_engine
+
+    w = slora_workload(num_adapters=32, alpha=1.0, rate=8.0, cv=1.0, duration_s=3.0, seed=0)
+    results = {}
+    for router in ("affinity", "round-robin", "lru"):
+        reps = []
+        for i in range(2):
+            core, clock = build_sim_engine("A40", "llama-7b", EngineConfig(seed=0), adapters=w.adapters)
+            reps.append(SimReplica(f"r{i}", core, clock))
+        results[router] = run_fleet(reps, w, router)
+        assert len(results[router].records) == len(w) and sum(results[router].per_replica.values()) == len(w)
+    assert results["affinity"].hit_rate >= results["round-robin"].hit_rate
