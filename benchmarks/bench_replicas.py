@@ -49,8 +49,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--slo", type=float, default=2.0)
     args = p.parse_args()
-    print(f"{args.replicas} replicas · {args.adapters} adapters · alpha {args.alpha} · {args.rate} req/s Poisson · "
-          f"{args.duration:.0f} s · SIMULATED A40 / Llama-7B · medians of 3 seeds")
+    print(
+        f"{args.replicas} replicas · {args.adapters} adapters · alpha {args.alpha} · {args.rate} req/s Poisson · "
+        f"{args.duration:.0f} s · SIMULATED A40 / Llama-7B · medians of 3 seeds"
+    )
     print(f"{'router':<12} {'hit rate':>9} {'P99 TTFT (s)':>13}")
     for router in ROUTERS:
         runs = [one(router, seed, args) for seed in (0, 1, 2)]

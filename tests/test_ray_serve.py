@@ -24,12 +24,12 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from chameleon import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
-from chameleon.serve.ray import REPLICA_HEADER, build_deployment  # noqa: E402
+from chameleon import AsyncEngine, EngineConfig, SamplingParams
+from chameleon.serve.ray import REPLICA_HEADER, build_deployment
 
 pytestmark = pytest.mark.ray
 BASE = "tiny-base"
-ENGINE = dict(device="cpu", max_model_len=4096, num_kv_blocks=1024)
+ENGINE = {"device": "cpu", "max_model_len": 4096, "num_kv_blocks": 1024}
 PROMPT = "The sea is"
 
 
@@ -60,7 +60,7 @@ def url(long_llama: Path, adapters: dict[str, Path]) -> Iterator[str]:
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app_kwargs = dict(adapter_roots=[str(adapters["b16"].parent)], adapters={"a8": str(adapters["a8"])})
+        app_kwargs = {"adapter_roots": [str(adapters["b16"].parent)], "adapters": {"a8": str(adapters["a8"])}}
         app = build_deployment(
             str(long_llama), replicas=2, served_model_name=BASE, engine_kwargs=ENGINE, app_kwargs=app_kwargs
         )

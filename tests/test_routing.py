@@ -6,7 +6,14 @@ from chameleon.serve.ray_metrics import merge_replica_metrics, render_fleet_metr
 from chameleon.serve.routing import AffinityRouter, LRUMultiplexRouter, ReplicaState, RoundRobinRouter, make_router
 
 
-def rs(rid: str, device: set[str] = set(), host: set[str] = set(), queue: int = 0, free: int = 0, **aq: int) -> ReplicaState:
+def rs(
+    rid: str,
+    device: frozenset[str] | set[str] = frozenset(),
+    host: frozenset[str] | set[str] = frozenset(),
+    queue: int = 0,
+    free: int = 0,
+    **aq: int,
+) -> ReplicaState:
     return ReplicaState(rid, frozenset(device), frozenset(host), queue, free, aq)
 
 
@@ -53,7 +60,9 @@ def test_round_robin_and_lru_baselines() -> None:
 
 
 def test_from_stats_and_fleet_metrics() -> None:
-    s = ReplicaState.from_stats("r1", {"device": ["x"], "host": ["y"], "queue": 2, "free_bytes": 5, "adapter_queue": {"x": 2}})
+    s = ReplicaState.from_stats(
+        "r1", {"device": ["x"], "host": ["y"], "queue": 2, "free_bytes": 5, "adapter_queue": {"x": 2}}
+    )
     assert s.tier("x") == 0 and s.tier("y") == 1 and s.tier("z") == 2 and s.adapter_queue == {"x": 2}
     text = '# HELP chameleon:kv_blocks_in_use KV\n# TYPE chameleon:kv_blocks_in_use gauge\nchameleon:kv_blocks_in_use{model_name="m"} 3.0\n'
     fams = merge_replica_metrics({"r1": text, "r2": text})

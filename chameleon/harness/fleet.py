@@ -59,7 +59,6 @@ class SimReplica:
             if self.clock.now() == before:  # nothing could run: wait for the next arrival
                 self.clock.advance(t - before)
 
-
     def drain(self, on_output: Callable[[RequestOutput, float], None]) -> None:
         """Step until every request this replica holds has finished."""
         while self.core.has_unfinished_requests():
@@ -132,7 +131,11 @@ def _record(out: RequestOutput, adapter: str | None) -> RequestRecord:
 
 
 def run_fleet_bench(
-    args: Any, sim_factory: Callable[[Any], Any], table: dict[str, tuple[str, str]], policies: list[str], rates: list[float]
+    args: Any,
+    sim_factory: Callable[[Any], Any],
+    table: dict[str, tuple[str, str]],
+    policies: list[str],
+    rates: list[float],
 ) -> int:
     """`chameleon bench --replicas N --router R[,R...]`: one row per policy, rate and router."""
     from chameleon.harness.bench import make_workload
@@ -153,5 +156,7 @@ def run_fleet_bench(
                 reps = [SimReplica(f"r{i}", *factory.build(scheduler, cache, w)[:2]) for i in range(args.replicas)]
                 res = run_fleet(reps, w, router)
                 s = summarize(res.records, slo_ttft_s=args.slo_ttft, slo_tbt_s=args.slo_tbt)
-                print(f"{policy:<12} {rate:>6g} {router:<12} {res.hit_rate:>9.3f} {s.ttft_p99_s:>11.3f} {s.slo_attainment:>9.3f}")
+                print(
+                    f"{policy:<12} {rate:>6g} {router:<12} {res.hit_rate:>9.3f} {s.ttft_p99_s:>11.3f} {s.slo_attainment:>9.3f}"
+                )
     return 0

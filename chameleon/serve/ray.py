@@ -200,10 +200,12 @@ class EngineReplica:
         s = self.engine.stats()
         executor = getattr(self.engine.core, "_executor", None)
         in_flight = server.in_flight
-        per_adapter = {a: in_flight.waiting[a] + in_flight.running[a] for a in set(in_flight.waiting) | set(in_flight.running)}
+        per_adapter = {
+            a: in_flight.waiting[a] + in_flight.running[a] for a in set(in_flight.waiting) | set(in_flight.running)
+        }
         return {
             "device": sorted(e.name for e in list(self.engine.core.adapter_cache.resident())),
-            "host": sorted(list(getattr(executor, "host_adapters", {}))),
+            "host": sorted(getattr(executor, "host_adapters", {})),
             "queue": max(s["requests"]["waiting"] + s["requests"]["running"], in_flight.total),
             "free_bytes": s["memory"]["free_bytes"],
             "adapter_queue": {a: n for a, n in per_adapter.items() if a and n > 0},
@@ -342,7 +344,7 @@ class Ingress:
     async def _respond(self, head: dict[str, Any], gen: Any, buffer: bool) -> Response:
         headers = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "content-type")}
         headers[REPLICA_HEADER] = head["replica"]
-        media = dict((k.lower(), v) for k, v in head["headers"]).get("content-type")
+        media = {k.lower(): v for k, v in head["headers"]}.get("content-type")
         streaming = media is not None and media.startswith("text/event-stream")
         if not streaming or buffer:
             try:
@@ -403,15 +405,17 @@ def run_ray_serve(args: Any) -> int:
     """`chameleon serve MODEL --replicas N [--ray-address ADDR]`: start or join, serve, block."""
     from chameleon.serve.main import parse_adapters
 
-    ray.init(address=args.ray_address, include_dashboard=False) if args.ray_address else ray.init(include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app_kwargs = dict(
-        api_key=args.api_key,
-        adapter_roots=args.adapter_root,
-        max_queued_requests=args.max_queued_requests,
-        adapters=parse_adapters(args.adapter),
-        default_max_tokens=args.max_tokens,
+    ray.init(address=args.ray_address, include_dashboard=False) if args.ray_address else ray.init(
+        include_dashboard=False
     )
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app_kwargs = {
+        "api_key": args.api_key,
+        "adapter_roots": args.adapter_root,
+        "max_queued_requests": args.max_queued_requests,
+        "adapters": parse_adapters(args.adapter),
+        "default_max_tokens": args.max_tokens,
+    }
     name = args.served_model_name or args.model
     app = build_deployment(args.model, replicas=args.replicas, served_model_name=name, app_kwargs=app_kwargs)
     serve.run(app, name="chameleon", route_prefix="/", blocking=True)

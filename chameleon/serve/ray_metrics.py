@@ -36,14 +36,18 @@ class _Fleet:
     def collect(self) -> Iterator[Metric]:
         texts = {rid: str(s.get("metrics", "")) for rid, s in self.fleet.items() if s.get("metrics")}
         yield from merge_replica_metrics(texts)
-        answered = CounterMetricFamily(f"{P}replica_requests", "Requests the ingress sent to each replica", labels=["replica"])
+        answered = CounterMetricFamily(
+            f"{P}replica_requests", "Requests the ingress sent to each replica", labels=["replica"]
+        )
         for rid, n in sorted(self.served.items()):
             answered.add_metric([rid], n)
         yield answered
         lost = CounterMetricFamily(f"{P}replica_unavailable", "Requests ended because their replica was unavailable")
         lost.add_metric([], self.failed)
         yield lost
-        device = GaugeMetricFamily(f"{P}replica_device_adapters", "Adapters on each replica's device", labels=["replica"])
+        device = GaugeMetricFamily(
+            f"{P}replica_device_adapters", "Adapters on each replica's device", labels=["replica"]
+        )
         for rid, s in sorted(self.fleet.items()):
             device.add_metric([rid], len(s.get("device", ())))
         yield device
