@@ -165,6 +165,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, help="write results as JSON here")
     o.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f = parser.add_argument_group("fleet (simulator)")
+    f.add_argument("--replicas", type=int, default=1, help="simulate N replicas behind a router (sim only)")
+    f.add_argument("--router", default="affinity", help="with --replicas: comma list of affinity, round-robin, lru")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,6 +423,10 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: unknown policies {unknown}; known: {', '.join(table)}", file=sys.stderr)
         return 2
     rates = sorted(set(args.rates))
+    if args.replicas > 1:
+        from chameleon.harness.fleet import run_fleet_bench
+
+        return run_fleet_bench(args, sim_factory, table, policies, rates)
     try:
         factory = sim_factory(args) if args.executor == "sim" else real_factory(args)
         bench = Bench(args, factory, table)

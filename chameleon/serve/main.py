@@ -26,6 +26,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, help="in-flight requests beyond which the server answers 429")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens when a request sets none")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--replicas", type=int, default=0, help="serve N engine replicas on Ray Serve (needs the ray extra)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default with --replicas: start a local one)")
 
 
 def parse_adapters(items: Sequence[str]) -> dict[str, str]:
@@ -39,7 +41,11 @@ def parse_adapters(items: Sequence[str]) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Build the engine and the app, then serve until interrupted."""
+    """Build the engine and the app, then serve until interrupted (on Ray Serve with --replicas)."""
+    if args.replicas:
+        from chameleon.serve.ray import run_ray_serve
+
+        return run_ray_serve(args)
     import uvicorn
 
     from chameleon import AsyncEngine, EngineConfig
