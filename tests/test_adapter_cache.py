@@ -289,3 +289,12 @@ def test_can_acquire_has_no_side_effects() -> None:
     assert c.entries["a"].resident and c.stats.evictions == 0
     c.acquire("a", 3.0)
     assert not c.can_acquire("c", 4.0)  # both running now
+
+
+def test_the_adapter_pool_never_exceeds_the_memory_budget(tiny_llama: Path) -> None:
+    """max_loras=500 once allocated a pool many times the budget; the pool is capped by the budget."""
+    budget = 40 << 20  # 30 MiB of it is the activation reserve of the default batch limits
+    core = build_core(tiny_llama, EngineConfig(dtype="float32", device_memory_bytes=budget, max_loras=500))
+    pool = core.executor.lora_pool  # type: ignore[attr-defined]
+    assert pool.capacity_rows < 500 * 64
+    assert pool.capacity_rows * pool.bytes_per_row <= budget

@@ -79,6 +79,15 @@ def memory_budget(
     return total, (total - reserve) // block_bytes
 
 
+def lora_pool_rows(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, usable_bytes: int) -> int:
+    """Rank rows of the device adapter pool: `max_loras * max_lora_rank`, but never more than the
+    budget could ever let adapters occupy, so the pool tensor stays inside `device_memory_bytes`."""
+    from chameleon.model.geometry import TARGET_MODULES
+
+    row_bytes = spec.geometry.lora_row_bytes(TARGET_MODULES, torch.empty((), dtype=dtype).element_size())
+    return max(1, min(config.lora_pool_rows, usable_bytes // row_bytes))
+
+
 def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, clock: Clock | None = None) -> EngineCore:
     path = Path(model_path)
     if not path.is_dir():
@@ -107,7 +116,7 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
         num_kv_blocks=blocks,
         block_size=config.block_size,
         max_lora_rank=config.max_lora_rank,
-        lora_pool_rows=config.lora_pool_rows,
+        lora_pool_rows=lora_pool_rows(config, spec, dtype, budget_bytes - reserve),
         lora_backend=resolve_lora_backend(config.lora_backend, device),
         max_cpu_adapters=config.max_cpu_adapters,
     )
