@@ -15,6 +15,7 @@ import attrs
 
 from chameleon.clock import Clock, MonotonicClock
 from chameleon.config import EngineConfig
+from chameleon.engine.kv_stats import prefix_salt, prefix_stats
 from chameleon.engine.stats import AdapterStats, EngineStats, KVStats, MemoryStats, RequestStats
 from chameleon.errors import (
     AdapterExistsError,
@@ -86,7 +87,9 @@ class EngineCore(Generic[AdapterT]):
             kv_block_bytes=executor.kv_block_bytes,
             adapter_row_bytes=executor.adapter_row_bytes,
         )
-        self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size, self.memory)
+        self.blocks = KVBlockManager(
+            executor.num_kv_blocks, executor.block_size, self.memory, prefix_caching=config.enable_prefix_caching
+        )
         self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, config.adapter_cache)
         self.arrival_predictor = ArrivalPredictor() if config.adapter_arrival_prefetch else None
         self.adapter_load_critical_s = 0.0  # time the iteration waited for adapter copies
@@ -159,6 +162,7 @@ class EngineCore(Generic[AdapterT]):
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
             adapter=adapter,
             seed=self._seed(sampling),
+            prefix_salt=prefix_salt(self.adapters[adapter] if adapter is not None else None, self.config),
         )
         if self.tokenizer is not None:
             self._detokenizers[request_id] = self._new_detokenizer(prompt, sampling)
@@ -306,6 +310,7 @@ class EngineCore(Generic[AdapterT]):
             request = item.request
             samples = item.samples
             request.num_computed_tokens += item.num_new_tokens
+            self.blocks.commit(request)  # prefix caching: index the blocks it has just filled
             if not samples:
                 continue
             token = sampled[request.request_id]
@@ -410,6 +415,7 @@ class EngineCore(Generic[AdapterT]):
                 ref_count=self.adapter_cache.total_ref_count,
             ),
             scheduler=self.scheduler.policy.metrics(),
+            prefix=prefix_stats(self.blocks),
         )
 
 
