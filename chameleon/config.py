@@ -14,6 +14,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
 SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper"]
+KVCacheDType = Literal["auto", "int8", "fp8_e4m3"]
 AdapterCacheName = Literal["chameleon", "lru", "slora", "fairshare"]
 _SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper")
 
@@ -65,6 +66,10 @@ class EngineConfig:
     seed: int = attrs.field(default=0, validator=_seed)  # seeds requests that bring no seed of their own
     # torch intra-op threads on CPU.
     num_threads: int | None = attrs.field(default=None, validator=optional_positive_int)
+    # KV cache techniques (docs/kv_cache.md). Prefix caching shares full KV blocks by content
+    # (tokens, adapter content hash, KV dtype); kv_cache_dtype "int8"/"fp8_e4m3" stores KV quantized.
+    enable_prefix_caching: bool = attrs.field(default=False, validator=boolean)
+    kv_cache_dtype: KVCacheDType = attrs.field(default="auto", validator=one_of("auto", "int8", "fp8_e4m3"))
     # Unfinished requests (waiting + running) past which `generate()` raises EngineOverloadedError at once.
     max_queued_requests: int = attrs.field(default=4096, validator=positive_int)
 

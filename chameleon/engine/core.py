@@ -23,6 +23,7 @@ from chameleon.engine.checks import (
     prompt_list,
     try_load,
 )
+from chameleon.engine.kv_stats import prefix_salt
 from chameleon.engine.sequence import sequence_input
 from chameleon.engine.stats import EngineStats, collect_stats
 from chameleon.errors import (
@@ -94,7 +95,9 @@ class EngineCore(Generic[AdapterT]):
             kv_block_bytes=executor.kv_block_bytes,
             adapter_row_bytes=executor.adapter_row_bytes,
         )
-        self.blocks = KVBlockManager(executor.num_kv_blocks, executor.block_size, self.memory)
+        self.blocks = KVBlockManager(
+            executor.num_kv_blocks, executor.block_size, self.memory, prefix_caching=config.enable_prefix_caching
+        )
         self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, config.adapter_cache)
         self.arrival_predictor = ArrivalPredictor() if config.adapter_arrival_prefetch else None
         self.adapter_load_critical_s = 0.0  # time the iteration waited for adapter copies
@@ -139,10 +142,6 @@ class EngineCore(Generic[AdapterT]):
         """Validate and read an adapter into host memory; safe in a worker thread (no core state)."""
         return self._executor.read_adapter(name, path)
 
-    @property
-    def num_finished(self) -> int:
-        return self._num_finished
-
     def observe_steps(self, observer: Callable[[StepInput], None] | None) -> None:
         """Call `observer` with every step's input before it executes (profiling; None: stop)."""
         self._step_observer = observer
@@ -171,6 +170,7 @@ class EngineCore(Generic[AdapterT]):
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
             adapter=adapter,
             seed=self._seed(sampling),
+            prefix_salt=prefix_salt(self.adapters[adapter] if adapter is not None else None, self.config),
         )
         if self.tokenizer is not None:
             self._detokenizers[request_id] = self._new_detokenizer(prompt, sampling)
@@ -404,6 +404,7 @@ class EngineCore(Generic[AdapterT]):
             request = item.request
             samples = item.samples  # before the count moves: it is derived from it
             request.num_computed_tokens += item.num_new_tokens
+            self.blocks.commit(request)  # prefix caching: index the blocks it has just filled
             if not samples:
                 continue
             token = sampled.get(request.request_id)

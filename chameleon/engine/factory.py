@@ -63,7 +63,7 @@ def memory_budget(
     config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, reserve: int
 ) -> tuple[int, int]:
     """(budget bytes, KV blocks). KV may grow into the whole budget except the reserve."""
-    block_bytes = kv_bytes_per_token(spec, dtype) * config.block_size
+    block_bytes = kv_bytes_per_token(spec, dtype, config.kv_cache_dtype) * config.block_size
     if config.num_kv_blocks is not None:
         total = config.device_memory_bytes or config.num_kv_blocks * block_bytes + reserve
         return total, config.num_kv_blocks
@@ -86,6 +86,15 @@ def lora_pool_rows(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, us
 
     row_bytes = spec.geometry.lora_row_bytes(TARGET_MODULES, torch.empty((), dtype=dtype).element_size())
     return max(1, min(config.lora_pool_rows, usable_bytes // row_bytes))
+
+
+def resolve_kv_cache_dtype(name: str, device: torch.device) -> str:
+    if name == "fp8_e4m3":
+        from chameleon.model.kv_quant import fp8_supported
+
+        if not fp8_supported(device):
+            raise ConfigError(f"kv_cache_dtype='fp8_e4m3' needs torch float8 support on {device}")
+    return name
 
 
 def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, clock: Clock | None = None) -> EngineCore:
@@ -119,6 +128,7 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
         lora_pool_rows=lora_pool_rows(config, spec, dtype, budget_bytes - reserve),
         lora_backend=resolve_lora_backend(config.lora_backend, device),
         max_cpu_adapters=config.max_cpu_adapters,
+        kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, device),
     )
     memory = MemoryBudget(
         total_bytes=budget_bytes,

@@ -1,4 +1,5 @@
-"""What `EngineCore.stats()` reports, nested by source: requests, KV, memory, adapters, scheduler.
+"""What `EngineCore.stats()` reports, nested by source: requests, KV, memory, adapters, scheduler,
+prefix cache.
 
 Each part is a frozen value read from the component that owns the numbers (the scheduler's
 mechanism, the KV block manager, the memory budget, the adapter cache, the policy), so a dashboard
@@ -58,28 +59,45 @@ class AdapterStats:
 
 
 @attrs.frozen
+class PrefixCacheStats:
+    enabled: bool = False
+    queried_tokens: int = 0  # tokens of admitted requests looked up in the prefix cache
+    hit_tokens: int = 0  # of those, attached from cached blocks instead of computed
+    cached_blocks: int = 0  # unreferenced blocks holding a cached prefix (reclaimable)
+    indexed_blocks: int = 0  # all blocks with a prefix key, in use or cached
+    evictions: int = 0  # cached blocks whose content was dropped for other uses
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else None
+
+
+@attrs.frozen
 class EngineStats:
     requests: RequestStats = attrs.field(factory=RequestStats)
     kv: KVStats = attrs.field(factory=KVStats)
     memory: MemoryStats = attrs.field(factory=MemoryStats)
     adapters: AdapterStats = attrs.field(factory=AdapterStats)
     scheduler: dict[str, Any] = attrs.field(factory=dict)  # the policy's own decisions (`metrics()`)
+    prefix: PrefixCacheStats = attrs.field(factory=PrefixCacheStats)
 
     def as_dict(self) -> dict[str, Any]:
         """Nested plain data (JSON-ready); `adapters.hit_rate` included."""
         d = attrs.asdict(self)
         d["adapters"]["hit_rate"] = self.adapters.hit_rate
+        d["prefix"]["hit_rate"] = self.prefix.hit_rate
         return d
 
 
 def collect_stats(core: Any) -> EngineStats:
     """The stats of an `EngineCore` (typed Any: the core imports this module)."""
+    from chameleon.engine.kv_stats import prefix_stats  # kv_stats imports this module's values
     cache, mech, mem = core.adapter_cache.stats, core.scheduler.stats, core.memory
     return EngineStats(
         requests=RequestStats(
             running=len(core.scheduler.running),
             waiting=core.scheduler.num_waiting,
-            finished=core.num_finished,
+            finished=core._num_finished,
             preemptions=mech.preemptions,
             policy_preemptions=mech.policy_preemptions,
         ),
@@ -106,4 +124,5 @@ def collect_stats(core: Any) -> EngineStats:
             ref_count=core.adapter_cache.total_ref_count,
         ),
         scheduler=core.scheduler.policy.metrics(),
+        prefix=prefix_stats(core.blocks),
     )

@@ -17,12 +17,16 @@ from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
 from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
+from chameleon.model.kv_quant import KVCache, QuantDType, QuantizedKVCache, quant_bytes_per_token
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
 from chameleon.outputs import AdapterInfo
 
 
-def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Device bytes of one token's K and V (all layers); quantized KV counts its scales too."""
+    if kv_cache_dtype != "auto":
+        return quant_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim)
     return spec.geometry.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
 
 
@@ -40,6 +44,7 @@ class TorchExecutor:
         lora_pool_rows: int,
         lora_backend: Backend,
         max_cpu_adapters: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model, self.spec = model, spec
         self.device, self.dtype = device, dtype
@@ -58,15 +63,19 @@ class TorchExecutor:
         self._copier: ThreadPoolExecutor | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: dict[str, Future[None]] = {}
-        self._swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # request -> per layer K, V
+        self._swapped: dict[str, list[tuple[object, object]]] = {}  # request -> per layer K, V (host copies)
         self._generators: dict[str, torch.Generator] = {}  # request -> its sampling stream
         self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
         slots = num_kv_blocks * block_size
-        shape = (slots, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(spec.num_layers)
-        ]
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_caches = [(self._new_cache(slots), self._new_cache(slots)) for _ in range(spec.num_layers)]
+
+    def _new_cache(self, slots: int) -> KVCache:
+        s = self.spec
+        if self.kv_cache_dtype == "auto":
+            return torch.zeros((slots, s.num_kv_heads, s.head_dim), dtype=self.dtype, device=self.device)
+        mode: QuantDType = "int8" if self.kv_cache_dtype == "int8" else "fp8_e4m3"
+        return QuantizedKVCache(slots, s.num_kv_heads, s.head_dim, mode, self.device)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -82,7 +91,7 @@ class TorchExecutor:
 
     @property
     def kv_block_bytes(self) -> int:
-        return kv_bytes_per_token(self.spec, self.dtype) * self._block_size
+        return kv_bytes_per_token(self.spec, self.dtype, self.kv_cache_dtype) * self._block_size
 
     @property
     def adapter_row_bytes(self) -> int:
@@ -177,17 +186,16 @@ class TorchExecutor:
     def swap_out(self, request_id: str, block_ids: tuple[int, ...]) -> None:
         slots = self._slots(block_ids)
         pin = self.device.type == "cuda"
-        host = []
+        host: list[tuple[object, object]] = []
         for k, v in self.kv_caches:
-            hk, hv = k[slots].to("cpu"), v[slots].to("cpu")
-            host.append((hk.pin_memory(), hv.pin_memory()) if pin else (hk, hv))
+            host.append((_to_host(k, slots, pin), _to_host(v, slots, pin)))
         self._swapped[request_id] = host
 
     def swap_in(self, request_id: str, block_ids: tuple[int, ...]) -> None:
         slots = self._slots(block_ids)
         for (k, v), (hk, hv) in zip(self.kv_caches, self._swapped.pop(request_id), strict=True):
-            k.index_copy_(0, slots, hk.to(self.device, non_blocking=True))
-            v.index_copy_(0, slots, hv.to(self.device, non_blocking=True))
+            _from_host(k, slots, hk)
+            _from_host(v, slots, hv)
 
     def drop_swapped(self, request_id: str) -> None:
         self._swapped.pop(request_id, None)
@@ -291,6 +299,21 @@ class TorchExecutor:
 def base_model_spec(spec: ModelSpec, dtype: torch.dtype) -> BaseModelSpec:
     """The shapes adapters are validated against, from the model's geometry."""
     return BaseModelSpec(num_layers=spec.num_layers, module_shapes=spec.geometry.module_shapes(), dtype=dtype)
+
+def _to_host(cache: KVCache, slots: torch.Tensor, pin: bool) -> object:
+    """A host copy of some slots of one cache (codes and scales when quantized)."""
+    parts = cache.take(slots) if isinstance(cache, QuantizedKVCache) else (cache[slots],)
+    host = tuple(p.to("cpu") for p in parts)
+    return tuple(p.pin_memory() for p in host) if pin else host
+
+
+def _from_host(cache: KVCache, slots: torch.Tensor, host: object) -> None:
+    parts: tuple[torch.Tensor, ...] = host  # type: ignore[assignment]  # what _to_host made
+    if isinstance(cache, QuantizedKVCache):
+        cache.put(slots, (parts[0], parts[1]))
+    else:
+        cache.index_copy_(0, slots, parts[0].to(cache.device, non_blocking=True))
+
 
 def _pin(adapter: LoRAAdapter) -> LoRAAdapter:
     import attrs

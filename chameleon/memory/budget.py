@@ -14,6 +14,8 @@ both in one arena (S-LoRA) is not done.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
 
@@ -29,6 +31,11 @@ class MemoryBudget:
     adapter_row_bytes: int
     kv_blocks: int = 0  # in use
     adapter_rows: int = 0  # resident
+    # Prefix caching: unreferenced blocks that keep a cached prefix. They live in idle memory
+    # (`free_bytes` counts them as free) and are given up first: whenever KV or adapters grow into
+    # their bytes, `reclaim_cached(nbytes)` drops that many, least recently used first.
+    cached_kv_blocks: int = 0
+    reclaim_cached: Callable[[int], None] | None = attrs.field(default=None, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if self.reserve_bytes + self.kv_block_bytes > self.total_bytes:
@@ -43,7 +50,12 @@ class MemoryBudget:
         return self.adapter_rows * self.adapter_row_bytes
 
     @property
+    def cached_kv_bytes(self) -> int:
+        return self.cached_kv_blocks * self.kv_block_bytes
+
+    @property
     def free_bytes(self) -> int:
+        """Idle bytes, cached prefix blocks included (they are reclaimable at any time)."""
         return self.total_bytes - self.reserve_bytes - self.kv_bytes - self.adapter_bytes
 
     def kv_fits(self, blocks: int) -> bool:
@@ -60,8 +72,18 @@ class MemoryBudget:
         self.adapter_rows += rows
         self._check()
 
+    def add_cached_kv(self, blocks: int) -> None:
+        self.cached_kv_blocks += blocks
+        self._check()
+
     def _check(self) -> None:
-        if self.free_bytes < 0 or self.kv_blocks < 0 or self.adapter_rows < 0:
+        over = self.cached_kv_bytes - max(0, self.free_bytes)
+        if over > 0 and self.reclaim_cached is not None:
+            self.reclaim_cached(over)
+        if (
+            self.free_bytes < self.cached_kv_bytes
+            or min(self.kv_blocks, self.adapter_rows, self.cached_kv_blocks) < 0
+        ):
             raise BudgetExceededError(
                 f"memory budget broken: kv {self.kv_bytes} + adapters {self.adapter_bytes} + reserve "
                 f"{self.reserve_bytes} > {self.total_bytes}"
@@ -74,4 +96,5 @@ class MemoryBudget:
             "kv_bytes": self.kv_bytes,
             "adapter_bytes": self.adapter_bytes,
             "free_bytes": self.free_bytes,
+            "cached_kv_bytes": self.cached_kv_bytes,
         }

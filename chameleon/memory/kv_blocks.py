@@ -1,10 +1,12 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, a free list, and one block table per request."""
+"""Paged KV cache bookkeeping: fixed-size blocks, a free list, one block table per request, and
+(optionally) prefix caching: full blocks shared by content (`prefix_cache.py`, docs/kv_cache.md)."""
 
 from __future__ import annotations
 
 from collections import deque
 
 from chameleon.memory.budget import MemoryBudget
+from chameleon.memory.prefix_cache import PrefixCache, block_key
 from chameleon.sched.request import Request
 
 
@@ -16,40 +18,147 @@ class KVBlockManager:
     """Hands out KV blocks. Knows nothing about tensors: the executor owns the memory itself.
 
     A block needs a free slot in the KV tensor *and* room in the shared memory budget (where idle
-    adapters may sit; the scheduler evicts them first when KV needs the room).
+    adapters may sit; the scheduler evicts them first when KV needs the room). With prefix caching,
+    unreferenced blocks that hold an indexed prefix stay cached in idle memory: they are the first
+    thing given up when KV or an adapter needs the bytes (the budget calls `_trim_cached`).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, budget: MemoryBudget | None = None, *, prefix_caching: bool = False
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.budget = budget
         self._free: deque[int] = deque(range(num_blocks))
+        self.prefix: PrefixCache | None = PrefixCache() if prefix_caching else None
+        if budget is not None and self.prefix is not None:
+            budget.reclaim_cached = self._trim_cached
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation may take: free ones and cached (unreferenced) ones."""
+        return len(self._free) + self.num_cached
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.prefix.lru) if self.prefix is not None else 0
 
     @property
     def num_in_use(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def blocks_needed(self, request: Request, num_tokens: int) -> int:
         """Extra blocks `request` needs so that its first `num_tokens` tokens have slots."""
         return max(0, blocks_for(num_tokens, self.block_size) - len(request.block_table))
 
     def allocate(self, request: Request, num_tokens: int) -> bool:
-        """Grow the block table to cover `num_tokens`; all or nothing."""
+        """Grow the block table to cover `num_tokens`; all or nothing. Free blocks go first, then
+        the least recently used cached ones (their content is dropped)."""
         needed = self.blocks_needed(request, num_tokens)
-        if needed > len(self._free) or (self.budget is not None and not self.budget.kv_fits(needed)):
+        if needed > self.num_free or (self.budget is not None and not self.budget.kv_fits(needed)):
             return False
-        request.block_table.extend(self._free.popleft() for _ in range(needed))
+        for _ in range(needed):
+            if self._free:
+                block = self._free.popleft()
+            else:  # the least recently used cached block: its content is dropped
+                assert self.prefix is not None
+                block = self.prefix.evict_oldest()
+                self._add_cached(-1)
+            request.block_table.append(block)
+            if self.prefix is not None:
+                self.prefix.ref(block)
         if self.budget is not None:
             self.budget.add_kv(needed)
         return True
 
     def free(self, request: Request) -> None:
-        # Freed blocks go to the front so recently used (cache-warm) memory is reused first.
-        self._free.extendleft(reversed(request.block_table))
+        table, request.block_table = request.block_table, []
+        request.num_registered_blocks = 0
+        released, unheld = [], 0
+        for block in reversed(table):  # the tail first: it is the least likely to be shared
+            if self.prefix is None:
+                released.append(block)
+            elif self.prefix.unref(block):  # nobody else holds it
+                unheld += 1
+                if self.prefix.park(block):
+                    self._add_cached(1)
+                else:
+                    released.append(block)
+        if self.prefix is None:
+            unheld = len(table)
         if self.budget is not None:
-            self.budget.add_kv(-len(request.block_table))
-        request.block_table = []
+            self.budget.add_kv(-unheld)
+        # Freed blocks go to the front so recently used (cache-warm) memory is reused first.
+        self._free.extendleft(released)
+
+    # --- prefix caching -----------------------------------------------------------------------
+
+    def attach_prefix(self, request: Request) -> int | None:
+        """At admission: share the cached full blocks that start `request`'s tokens and skip
+        computing them. At least the last token is always computed (the step must sample).
+        Returns the tokens hit, or None when nothing was looked up (prefix caching off, a swapped
+        or half-computed request)."""
+        if self.prefix is None or request.block_table or request.num_computed_tokens or not request.prefix_sharing:
+            return None
+        tokens = request.all_token_ids
+        hits = []
+        for key in self._keys(request, tokens, (len(tokens) - 1) // self.block_size):
+            block = self.prefix.lookup(key)
+            if block is None:
+                break
+            hits.append(block)
+        for block in hits:
+            if self.prefix.ref(block):  # was idle in the LRU: cached -> in use
+                self._add_cached(-1)
+                if self.budget is not None:
+                    self.budget.add_kv(1)
+        request.block_table = hits
+        request.num_registered_blocks = len(hits)
+        request.num_computed_tokens = len(hits) * self.block_size
+        return request.num_computed_tokens
+
+    def detach_prefix(self, request: Request, hit: int | None) -> None:
+        """Undo `attach_prefix` for a request that could not be admitted after all."""
+        if hit is not None:
+            self.free(request)
+            request.num_computed_tokens = 0
+
+    def admitted(self, request: Request, hit: int | None) -> None:
+        """Count an admitted request's lookup in the prefix statistics."""
+        request.num_cached_tokens = hit or 0
+        if self.prefix is not None and hit is not None:
+            self.prefix.stats.queried_tokens += request.num_tokens
+            self.prefix.stats.hit_tokens += hit
+
+    def commit(self, request: Request) -> None:
+        """After a step: index the blocks `request` has just filled with computed KV."""
+        if self.prefix is None or not request.prefix_sharing:
+            return
+        full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
+        if full <= request.num_registered_blocks:
+            return
+        keys = self._keys(request, request.all_token_ids, full)
+        for i in range(request.num_registered_blocks, full):
+            self.prefix.register(request.block_table[i], keys[i])
+        request.num_registered_blocks = full
+
+    def _keys(self, request: Request, tokens: list[int], n: int) -> list[bytes]:
+        """Keys of the first `n` full blocks (memoized on the request: tokens never change)."""
+        keys, bs = request.block_keys, self.block_size
+        while len(keys) < n:
+            i = len(keys)
+            keys.append(block_key(keys[-1] if keys else b"", tokens[i * bs : (i + 1) * bs], request.prefix_salt))
+        return keys[:n]
+
+    def _add_cached(self, delta: int) -> None:
+        if self.budget is not None:
+            self.budget.add_cached_kv(delta)
+
+    def _trim_cached(self, nbytes: int) -> None:
+        """The budget needs `nbytes` of idle memory back: drop cached blocks, oldest first."""
+        assert self.prefix is not None and self.budget is not None
+        dropped = 0
+        while dropped < nbytes and self.prefix.lru:
+            self._free.append(self.prefix.evict_oldest())
+            self.budget.cached_kv_blocks -= 1
+            dropped += self.budget.kv_block_bytes

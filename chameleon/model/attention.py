@@ -26,6 +26,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from chameleon.model.kv_quant import KVCache, read_kv, write_kv
+
 
 @attrs.frozen
 class SeqGroup:
@@ -200,15 +202,15 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D] this step's keys
     v: torch.Tensor,  # [T, KVH, D]
-    k_cache: torch.Tensor,  # [num_slots, KVH, D]
-    v_cache: torch.Tensor,
+    k_cache: KVCache,  # [num_slots, KVH, D] (or int8/fp8 codes with scales: model/kv_quant.py)
+    v_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
     *,
     out_rows: int | None = None,  # rows of the result: T, or more (zero rows appended)
 ) -> torch.Tensor:  # [out_rows, H*D]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    write_kv(k_cache, meta.slot_mapping, k)
+    write_kv(v_cache, meta.slot_mapping, v)
     t, h, d = q.shape
     kvh = k.shape[1]
     rows = t if out_rows is None else out_rows
@@ -234,8 +236,8 @@ def _group(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: KVCache,
+    v_cache: KVCache,
     g: SeqGroup,
     scale: float,
     h: int,
@@ -246,7 +248,7 @@ def _group(
     if g.kv_slots is None:
         kg, vg = _rows(k, g.rows), _rows(v, g.rows)
     else:
-        kg, vg = k_cache.index_select(0, g.kv_slots), v_cache.index_select(0, g.kv_slots)
+        kg, vg = read_kv(k_cache, g.kv_slots, q.dtype), read_kv(v_cache, g.kv_slots, q.dtype)
     kg = kg.view(g.b, g.k, kvh, d).transpose(1, 2)
     vg = vg.view(g.b, g.k, kvh, d).transpose(1, 2)
     return _attend(qg, kg, vg, g.mask, g.causal, scale).transpose(1, 2)

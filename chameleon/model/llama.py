@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon.model.attention import AttentionMetadata, paged_attention
+from chameleon.model.kv_quant import KVCache
 from chameleon.model.spec import ModelSpec
 
 
@@ -119,7 +120,7 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[KVCache, KVCache],
         meta: AttentionMetadata,
         lora: LoRAHook | None,
     ) -> torch.Tensor:
@@ -195,7 +196,7 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[KVCache, KVCache]],
         sample_rows: torch.Tensor,  # [S] rows whose next token is needed
         lora: LoRAHook | None = None,
     ) -> torch.Tensor:  # [S, hidden]: final-normed hidden states, for `logits` / `greedy_tokens`

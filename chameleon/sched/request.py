@@ -42,6 +42,13 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     swapped: bool = False  # its KV (num_computed_tokens of it) waits in host memory
+    # Prefix caching (memory/kv_blocks.py): what besides the tokens decides its KV (adapter content
+    # hash, KV dtype); False once it was swapped (its blocks are never shared after that).
+    prefix_salt: str = ""
+    prefix_sharing: bool = True
+    block_keys: list[bytes] = attrs.field(factory=list)  # keys of its full blocks, memoized
+    num_registered_blocks: int = 0  # leading blocks indexed in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its last admission
 
     @property
     def num_tokens(self) -> int:

@@ -185,6 +185,7 @@ class Scheduler:
                 if request in preempted:  # not straight back in: that would undo the preemption
                     walk.reject()
                     continue
+                hit = self.blocks.attach_prefix(request)  # cached leading blocks are not computed
                 num_new = min(request.num_tokens_to_compute, budget)
                 if num_new < request.num_tokens_to_compute and self.policy.whole_prompts:
                     walk.reject()  # its whole prompt does not fit this iteration's budget
@@ -192,9 +193,11 @@ class Scheduler:
                         break
                     continue
                 if self._try_admit(request, num_new, now, walk):
+                    self.blocks.admitted(request, hit)
                     scheduled.append(ScheduledRequest(request, num_new))
                     budget -= num_new
                     continue
+                self.blocks.detach_prefix(request, hit)
                 walk.reject()
                 if not self.policy.skip_blocked(request):
                     break
@@ -302,6 +305,7 @@ class Scheduler:
             self._pending.swap_out.append(KVSwap(request.request_id, tuple(request.block_table[:n])))
             self.stats.swapped_out_bytes += n * self._block_bytes()
             request.swapped = True
+            request.prefix_sharing = False  # swapped KV is private: never indexed nor shared
         self._leave_running(request, now)
         if not swap:
             request.num_computed_tokens = 0
