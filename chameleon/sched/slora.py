@@ -19,6 +19,7 @@ from collections import deque
 
 from chameleon.sched.fifo import FifoPolicy
 from chameleon.sched.options import SchedulerOptions
+from chameleon.sched.policy import IndexWalk
 from chameleon.sched.request import Request
 
 __all__ = ["SLoRAPolicy", "peak_reserved_tokens"]
@@ -34,36 +35,22 @@ def peak_reserved_tokens(lengths: list[tuple[int, int]]) -> int:
     return peak
 
 
-class _ReservingWalk:
+class _ReservingWalk(IndexWalk):
     """The FIFO queue head-first, ended at the first request the reservation cannot take."""
 
     def __init__(self, policy: SLoRAPolicy, open_: bool) -> None:
-        self._policy, self._open = policy, open_
-        self._i = 0
-        self._offered: Request | None = None
+        super().__init__(policy, policy.queue)
+        self._slora, self._open = policy, open_
 
     def next(self) -> Request | None:
-        queue = self._policy.queue
-        if not self._open or self._i >= len(queue):
+        if not self._open:
             return None
-        request = queue[self._i]
-        if self._policy.options.slora_reserve_output and not self._policy.fits(request):
+        request = super().next()
+        if request is not None and self._slora.options.slora_reserve_output and not self._slora.fits(request):
             self._open = False
+            self._offered = None
             return None
-        self._offered = request
         return request
-
-    def accept(self, now: float) -> None:
-        assert self._offered is not None, "accept() without an offer"
-        self._policy.admitted(self._offered, now)
-        self._offered = None
-
-    def reject(self) -> None:
-        self._offered = None
-        self._i += 1
-
-    def close(self) -> None:
-        self._offered = None
 
 
 class SLoRAPolicy(FifoPolicy):
