@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import attrs
@@ -94,4 +95,5 @@ def _report(answers: Sequence[Answer], stats: dict[str, object]) -> None:
     print(format_table(["request", "TTFT ms", "tokens", "tok/s"], rows))
     keys = ["hits", "misses", "loads", "resident"]
     print("\nadapter cache")
-    print(format_table(["hits", "misses", "loads", "resident"], [[str(stats["adapters"][k]) for k in keys]]))
+    cache: dict[str, Any] = stats["adapters"]  # type: ignore[assignment]
+    print(format_table(["hits", "misses", "loads", "resident"], [[str(cache[k]) for k in keys]]))

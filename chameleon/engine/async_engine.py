@@ -179,7 +179,7 @@ class AsyncEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         self._check_adapter(adapter)
         self._check_load()
-        prompt_ids = self.core.check_request(request_id, self._tokenize(prompt), sampling=sampling)
+        prompt_ids = self.core.check_request(request_id, self._tokenize(prompt), sampling=sampling)  # type: ignore[arg-type]  # checked inside
         send, receive = anyio.create_memory_object_stream[RequestOutput](float("inf"))
         token = next(_tokens)
         self._streams[request_id] = _Live(send, token, output_kind(sampling) == "cumulative", adapter)

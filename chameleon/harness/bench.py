@@ -51,7 +51,7 @@ from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, thro
 from chameleon.harness.report import format_table, results_json, write_plots
 from chameleon.harness.workload import AdapterSpec, Workload, scale_lengths
 from chameleon.sched.options import SchedulerOptions
-from chameleon.sim.analytic import LINKS, AnalyticCostModel
+from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, LINKS, AnalyticCostModel
 from chameleon.sim.engine import build_sim_engine
 from chameleon.sim.hardware import GPUS, MODELS, get_gpu, get_model
 from chameleon.sim.profile import CostProfile
@@ -255,7 +255,7 @@ def sim_factory(args: argparse.Namespace) -> EngineFactory:
             config,
             adapters=workload.adapters,
             profile=profile,
-            **({} if profile else {"calibration": LINKS[getattr(args, "link", "bandwidth")]}),
+            calibration=A40_LLAMA7B_CALIBRATION if profile else LINKS[getattr(args, "link", "bandwidth")],
         )
         return core, clock, workload
 

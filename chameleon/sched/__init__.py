@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from chameleon.sched.fifo import FifoPolicy
 from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
@@ -36,7 +38,8 @@ def make_policy(name: str, options: SchedulerOptions | None = None) -> Admission
 
         from chameleon.sched.mlq.policy import MLQPolicy
 
-        return MLQPolicy(predictor, attrs.evolve(options, **MLQ_VARIANTS[name]))
+        variant: dict[str, Any] = dict(MLQ_VARIANTS[name])
+        return MLQPolicy(predictor, attrs.evolve(options, **variant))
     if name == "mlfq":
         from chameleon.sched.mlfq import MLFQPolicy
 

@@ -16,6 +16,7 @@ S-LoRA (`slora/server/router/manager.py`, `req_queue.py`), rule by rule (sources
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from chameleon.sched.fifo import FifoPolicy
 from chameleon.sched.options import SchedulerOptions
@@ -79,7 +80,7 @@ class SLoRAPolicy(FifoPolicy):
         super().admitted(request, now)
         self._steps_since_admission = 0
 
-    def on_iteration(self, scheduled: list[Request], duration_s: float, now: float) -> None:  # type: ignore[override]
+    def on_iteration(self, scheduled: Sequence[Request], duration_s: float, now: float) -> None:
         self._steps_since_admission += 1
 
     def fits(self, request: Request) -> bool:

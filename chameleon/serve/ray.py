@@ -75,7 +75,7 @@ class AffinityRequestRouter(RequestRouter):
     burst does not all go to the replica that looked emptiest at the last report.
     """
 
-    def initialize_state(self, spread_queue: int = 4, max_imbalance: int = 8) -> None:
+    def initialize_state(self, spread_queue: int = 4, max_imbalance: int = 8) -> None:  # type: ignore[override]  # Ray passes these as kwargs
         self.policy = AffinityRouter(spread_queue=spread_queue, max_imbalance=max_imbalance)
         self.sent: dict[str, dict[str, int]] = {}  # replica -> adapter -> requests routed, unfinished
         self.assumed: dict[str, set[str]] = {}  # replica -> adapters sent there since its last report
@@ -149,7 +149,7 @@ def fleet_stats() -> dict[str, dict[str, Any]]:
 class EngineReplica:
     """One `AsyncEngine` and the OpenAI app over it; serves forwarded requests through the app."""
 
-    async def __init__(self, model: str, engine_kwargs: dict[str, Any], app_kwargs: dict[str, Any]) -> None:
+    async def __init__(self, model: str, engine_kwargs: dict[str, Any], app_kwargs: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray Serve awaits an async __init__
         from chameleon import AsyncEngine, EngineConfig
         from chameleon.serve.app import build_app
 
@@ -390,15 +390,17 @@ def build_deployment(
         ray_actor_options={"num_cpus": replica_cpus},
         max_ongoing_requests=max_ongoing_requests,
         health_check_period_s=1.0,
+        # Ray's pydantic model types these fields loosely; the values are what its docs ask for.
         request_router_config=RequestRouterConfig(
-            request_router_class=AffinityRequestRouter,
-            request_routing_stats_period_s=stats_period_s,
-            request_routing_stats_timeout_s=5.0,
+            request_router_class=AffinityRequestRouter,  # type: ignore[arg-type]
+            request_routing_stats_period_s=stats_period_s,  # type: ignore[arg-type]
+            request_routing_stats_timeout_s=5.0,  # type: ignore[arg-type]
         ),
     )
     ingress = serve.deployment(Ingress, name="ChameleonIngress", ray_actor_options={"num_cpus": 0})
     apps = {"served_model_name": served_model_name, **(app_kwargs or {})}
-    return ingress.bind(engine.bind(model, dict(engine_kwargs or {}), apps), served_model_name)
+    return ingress.bind(engine.bind(  # type: ignore[attr-defined]  # serve.deployment returns a Deployment here
+        model, dict(engine_kwargs or {}), apps), served_model_name)
 
 
 def run_ray_serve(args: Any) -> int:
