@@ -88,7 +88,9 @@ def run_fleet(replicas: Sequence[SimReplica], workload: Workload, router_name: s
         def sink(out: RequestOutput, now: float) -> None:
             if out.finished:
                 adapter = rep.in_flight.pop(out.request_id, "")
-                records[out.request_id] = _record(out, adapter or None)
+                records[out.request_id] = RequestRecord.from_metrics(
+                    out.request_id, adapter or None, out.metrics, finish_reason=out.finish_reason
+                )
 
         return sink
 
@@ -113,21 +115,6 @@ def _submit(rep: SimReplica, req: WorkloadRequest) -> None:
         req.request_id, [PROMPT_TOKEN_ID] * req.prompt_len, sp, adapter=req.adapter, arrival_time=req.arrival_s
     )
     rep.in_flight[req.request_id] = req.adapter or ""
-
-
-def _record(out: RequestOutput, adapter: str | None) -> RequestRecord:
-    m = out.metrics
-    return RequestRecord(
-        request_id=out.request_id,
-        adapter=adapter,
-        arrival_s=m.arrival_time,
-        first_scheduled_s=m.first_scheduled_time,
-        first_token_s=m.first_token_time,
-        finish_s=m.finish_time,
-        prompt_len=m.num_prompt_tokens,
-        output_len=m.num_generated_tokens,
-        finish_reason=out.finish_reason or "length",
-    )
 
 
 def run_fleet_bench(

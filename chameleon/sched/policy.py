@@ -216,7 +216,26 @@ class PolicyBase:
         raise NotImplementedError
 
 
-class IndexWalk:
+class _OfferWalk:
+    """What every walk shares: the current offer, and `accept` telling the policy it was admitted."""
+
+    def __init__(self, policy: AdmissionPolicy) -> None:
+        self._policy = policy
+        self._offered: Request | None = None
+
+    def accept(self, now: float) -> None:
+        assert self._offered is not None, "accept() without an offer"
+        self._policy.admitted(self._offered, now)
+        self._offered = None
+
+    def reject(self) -> None:
+        self._offered = None
+
+    def close(self) -> None:
+        self._offered = None
+
+
+class IndexWalk(_OfferWalk):
     """A walk over a live, ordered list of waiting requests (FIFO, SJF).
 
     `items` is the policy's own list (not a copy), `resolve` maps an item to its request. An
@@ -230,50 +249,34 @@ class IndexWalk:
         items: Sequence[Any],
         resolve: Callable[[Any], Request] = lambda item: item,
     ) -> None:
-        self._policy, self._items, self._resolve = policy, items, resolve
+        super().__init__(policy)
+        self._items, self._resolve = items, resolve
         self._i = 0
-        self._offered: Request | None = None
 
     def next(self) -> Request | None:
         items = self._items
         self._offered = self._resolve(items[self._i]) if self._i < len(items) else None
         return self._offered
 
-    def accept(self, now: float) -> None:
-        assert self._offered is not None, "accept() without an offer"
-        self._policy.admitted(self._offered, now)
-        self._offered = None
-
     def reject(self) -> None:
-        self._offered = None
+        super().reject()
         self._i += 1
 
-    def close(self) -> None:
-        self._offered = None
 
-
-class GeneratorWalk:
+class GeneratorWalk(_OfferWalk):
     """A walk driven by a policy's generator of offers (MLQ's two phases, MLFQ's levels).
 
     The generator learns the outcome of an offer from the policy's own state (`admitted` ran or
     not) when it is resumed; closing the generator runs its clean-up (`finally`)."""
 
     def __init__(self, policy: AdmissionPolicy, offers: Generator[Request, None, None]) -> None:
-        self._policy, self._offers = policy, offers
-        self._offered: Request | None = None
+        super().__init__(policy)
+        self._offers = offers
 
     def next(self) -> Request | None:
         self._offered = next(self._offers, None)
         return self._offered
 
-    def accept(self, now: float) -> None:
-        assert self._offered is not None, "accept() without an offer"
-        self._policy.admitted(self._offered, now)
-        self._offered = None
-
-    def reject(self) -> None:
-        self._offered = None
-
     def close(self) -> None:
-        self._offered = None
+        super().close()
         self._offers.close()
