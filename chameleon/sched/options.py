@@ -48,7 +48,7 @@ class SchedulerOptions:
     # urgent_fraction x slo_ttft_s is offered before the quotas, oldest first (None: never);
     # under `triage` a request that already missed the SLO is offered after every request that can
     # still meet it, while such misses stay within `triage_budget` of the recent arrivals.
-    urgent_fraction: float | None = attrs.field(default=0.2, validator=attrs.validators.optional(unit_interval))
+    urgent_fraction: float | None = attrs.field(default=0.2, validator=attrs.validators.optional(unit_interval))  # type: ignore[arg-type]
     triage: bool = attrs.field(default=True, validator=boolean)
     triage_budget: float = attrs.field(default=0.01, validator=unit_interval)
     wrs_window: int = attrs.field(default=1024, validator=positive_int)  # recent WRS values clustered
