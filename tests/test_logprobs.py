@@ -175,3 +175,38 @@ def test_logprob_limits_accepted() -> None:
     assert SamplingParams(temperature=0).needs_logits is False
     assert SamplingParams(temperature=0, logprobs=0).needs_logits is True
     assert SamplingParams(temperature=0.5).needs_logits is True
+
+
+def test_an_executor_without_logprobs_leaves_empty_entries() -> None:
+    """The simulator computes no logprobs: entries stay aligned with the ids, and are empty."""
+    from chameleon.sim.engine import build_sim_engine
+
+    core, _clock = build_sim_engine("A40", "llama-7b", EngineConfig())
+    core.add_request("s", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1))
+    outs = drain(core)["s"]
+    assert [e for o in outs for e in (o.logprobs or ())] == [{}, {}, {}]
+    assert all(o.prompt_logprobs is None for o in outs)  # never computed: never sent
+
+
+def test_token_text_survives_a_tokenizer_that_refuses_an_id() -> None:
+    class Refusing:
+        all_special_ids = ()
+
+        def decode(self, ids: list[int]) -> str:
+            raise IndexError("no such id")
+
+    text = TokenText(Refusing())
+    assert text.text_of(7) == "<token 7>" and text.bytes_of(7) == b"<token 7>"
+
+
+def test_openai_shapes_clamp_minus_infinity_and_skip_missing_entries(tokenizer: Any) -> None:
+    from chameleon.serve.logprobs import FLOOR, chat_logprobs, completion_logprobs
+
+    entry = {5: Logprob(float("-inf"), 9, "a"), 6: Logprob(-0.1, 1, "bc")}
+    legacy = completion_logprobs([entry, {}], offset=3)
+    assert legacy["token_logprobs"] == [FLOOR, None] and legacy["tokens"] == ["a", ""]
+    assert legacy["top_logprobs"] == [{"a": FLOOR, "bc": -0.1}, None]
+    assert legacy["text_offset"] == [3, 4] and legacy["next_offset"] == 4
+    chat = chat_logprobs([entry, {}], 1, TokenText(tokenizer))
+    (item,) = chat["content"]
+    assert item["logprob"] == FLOOR and [t["token"] for t in item["top_logprobs"]] == ["bc"]

@@ -115,6 +115,8 @@ def test_ids_of_parents_and_children_are_checked(tiny_llama: Path) -> None:
     core.add_request("1_y", PROMPT, SamplingParams(max_tokens=3))
     with pytest.raises(InvalidRequestError, match="completion of 'y'"):
         core.add_request("y", PROMPT, SamplingParams(n=2, max_tokens=3))
+    with pytest.raises(InvalidRequestError, match="completion of 'y'"):  # checked before anything is queued
+        core.check_request("y", PROMPT, sampling=SamplingParams(n=2))
     assert not core.has_request("y")
     drain(core)
     assert_idle(core)

@@ -25,7 +25,7 @@ from chameleon.engine.checks import (
 )
 from chameleon.engine.core_adapters import CoreAdapters
 from chameleon.engine.emit import output, record_logprobs, record_prompt_logprobs, stop_reason
-from chameleon.engine.fanout import Fanout, Parent, child_id, child_sampling
+from chameleon.engine.fanout import Fanout, Parent, child_id, child_sampling, ids_of
 from chameleon.engine.kv_stats import prefix_salt
 from chameleon.engine.sequence import sequence_input
 from chameleon.engine.stats import EngineStats, collect_stats
@@ -200,9 +200,6 @@ class EngineCore(CoreAdapters[AdapterT]):
     ) -> None:
         """n children (`engine/fanout.py`); with prefix caching, 1..n-1 wait for child 0's prefill."""
         ids = tuple(child_id(request_id, i) for i in range(sampling.n))
-        for cid in ids:
-            if cid in self.requests or cid in self._fanout:
-                raise InvalidRequestError(f"request_id {cid!r} (completion of {request_id!r}) is already in use")
         children = [self._new_request(cid, prompt, child_sampling(sampling, i), adapter, arrival) for i, cid in enumerate(ids)]
         for i, child in enumerate(children):
             child.index = i
@@ -229,8 +226,10 @@ class EngineCore(CoreAdapters[AdapterT]):
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         check_adapter_usable(adapter, self.adapters)
-        if request_id in self.requests or request_id in self._fanout:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        for rid in ids_of(request_id, sampling.n if sampling is not None else 1):  # with n > 1: its children's
+            if rid in self.requests or rid in self._fanout:
+                child = "" if rid == request_id else f" (completion of {request_id!r})"
+                raise InvalidRequestError(f"request_id {rid!r}{child} is already in use")
         prompt = prompt_list(request_id, prompt_token_ids, self.limits.vocab_size)
         check_fits(request_id, len(prompt), sampling, self.limits.max_model_len)
         return prompt

@@ -34,6 +34,11 @@ def child_id(request_id: str, index: int) -> str:
     return f"{index}_{request_id}"
 
 
+def ids_of(request_id: str, n: int) -> list[str]:
+    """The ids a request occupies: its own, and with n > 1 its children's too."""
+    return [request_id, *(child_id(request_id, i) for i in range(n))] if n > 1 else [request_id]
+
+
 def child_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
     """Completion `index`'s parameters: n=1, seed `seed + index`, prompt logprobs on child 0 only."""
     seed = None if sampling.seed is None else (sampling.seed + index) % SEED_MOD
