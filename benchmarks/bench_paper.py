@@ -54,14 +54,17 @@ PAPER_HIT_RATE = 0.75
 LEVELS = ("low", "medium", "high")
 FRACTIONS = tuple(r / PAPER_SLORA_TPUT for r in PAPER_RATES)
 PAPER_CACHE_P99 = {"chameleon-lru": -0.18, "chameleon-fairshare": -0.22, "chameleon": -0.26}  # at 8 req/s
-DEFAULT_POLICIES = "slora,slora-exact,chameleon,chameleon-paper,chameleon-nocache,chameleon-nosched"
-TPUT_POLICIES = ("slora", "chameleon", "chameleon-nocache", "chameleon-nosched", "chameleon-paper")
+DEFAULT_POLICIES = "slora,slora-exact,chameleon,chameleon-noslo,chameleon-paper,chameleon-nocache,chameleon-nosched"
+TPUT_POLICIES = ("slora", "chameleon", "chameleon-noslo", "chameleon-nocache", "chameleon-nosched", "chameleon-paper")
+TAIL_POLICIES = ("slora", "chameleon", "chameleon-noslo", "chameleon-nosched", "chameleon-paper")
+SLORA_GEN_POLICIES = ("slora", "chameleon", "chameleon-noslo", "chameleon-nosched")
 CACHE_POLICIES = ("slora", "chameleon-lru", "chameleon-fairshare", "chameleon")
 LAYOUT_POLICIES = ("chameleon-static", "chameleon-k4", "chameleon", "chameleon-paper")
 WHAT = {
     "slora": "FIFO, evict at RC 0, async prefetch (the paper's S-LoRA)",
     "slora-exact": "S-LoRA's source: 10-step cadence, whole prompts, full-output reservation",
-    "chameleon": "MLQ (ours at the knee) + Chameleon cache",
+    "chameleon": "MLQ (ours: knee + SLO rules) + Chameleon cache",
+    "chameleon-noslo": "MLQ (ours at the knee, no SLO rules) + Chameleon cache",
     "chameleon-paper": "MLQ read literally + Chameleon cache",
     "chameleon-nocache": "MLQ only (scheduler alone)",
     "chameleon-nosched": "Chameleon cache only (FIFO)",
@@ -72,40 +75,41 @@ WHAT = {
 }
 
 
-def bench_args(args: argparse.Namespace, seed: int, scale: float, duration: float | None = None, link: str = "bandwidth") -> argparse.Namespace:
+def bench_args(args: argparse.Namespace, seed: int, scale: float, duration: float | None = None, link: str = "bandwidth",
+               workload: str = "paper") -> argparse.Namespace:  # fmt: skip
     p = argparse.ArgumentParser()
     add_bench_arguments(p)
     return p.parse_args(
         [
-            "--executor", "sim", "--gpu", args.gpu, "--model", args.model, "--workload", "paper",
+            "--executor", "sim", "--gpu", args.gpu, "--model", args.model, "--workload", workload,
             "--duration", str(duration or args.duration), "--seed", str(seed), "--no-progress",
             "--predictor", args.predictor, "--length-scale", repr(scale), "--link", link,
         ]
     )  # fmt: skip
 
 
-def _bench(args: argparse.Namespace, seed: int, scale: float, duration: float | None = None) -> Bench:
-    a = bench_args(args, seed, scale, duration)
+def _bench(args: argparse.Namespace, seed: int, scale: float, duration: float | None = None, workload: str = "paper") -> Bench:
+    a = bench_args(args, seed, scale, duration, workload=workload)
     return Bench(a, sim_factory(a), POLICIES)
 
 
-def _capacity(job: tuple[argparse.Namespace, int, float]) -> float:
+def _capacity(job: tuple[argparse.Namespace, int, float, str, float]) -> float:
     """Requests/s `slora` finishes when heavily overloaded (a short run): the throughput grid's centre."""
-    args, seed, scale = job
-    return _bench(args, seed, scale, 60.0).run("slora", args.overload_rate).summary.throughput_rps
+    args, seed, scale, workload, rate = job
+    return _bench(args, seed, scale, 60.0, workload).run("slora", rate).summary.throughput_rps
 
 
-def _tput(job: tuple[argparse.Namespace, int, float, str, tuple[float, ...]]) -> tuple[int, str, float]:
-    args, seed, scale, policy, grid = job
-    b = _bench(args, seed, scale)
+def _tput(job: tuple[argparse.Namespace, int, float, str, tuple[float, ...], str]) -> tuple[int, str, float]:
+    args, seed, scale, policy, grid, workload = job
+    b = _bench(args, seed, scale, workload=workload)
     t = throughput_at_slo(lambda r: b.run(policy, r).summary, grid, slo_ttft_s=b.args.slo_ttft, refine_steps=3)
     return seed, policy, t
 
 
-def _at(job: tuple[argparse.Namespace, int, float, str, float]) -> tuple[tuple[float, str, float], int, dict[str, Any]]:
-    args, seed, scale, policy, rate = job
-    r = _bench(args, seed, scale).run(policy, rate)
-    return (scale, policy, rate), seed, {**r.summary.as_dict(), **r.extra}
+def _at(job: tuple[argparse.Namespace, int, float, str, float, str]) -> tuple[tuple[float, str, float], int, dict[str, Any]]:
+    args, seed, scale, policy, rate, workload = job
+    r = _bench(args, seed, scale, workload=workload).run(policy, rate)
+    return (scale if workload == "paper" else -1.0, policy, rate), seed, {**r.summary.as_dict(), **r.extra}
 
 
 def _fig4(job: tuple[str, int, float]) -> tuple[str, int, dict[int, float]]:
@@ -157,20 +161,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"host: {machine_line()}", flush=True)
     at: dict[tuple[float, str, float], dict[int, dict[str, Any]]] = {}
     with ProcessPoolExecutor(args.workers) as pool:
-        caps = list(pool.map(_capacity, [(args, s, scale) for s in seeds]))
+        caps = list(pool.map(_capacity, [(args, s, scale, "paper", args.overload_rate) for s in seeds]))
         cap = _med(caps)
         grid = tuple(round(cap * f, 2) for f in (0.5, 0.75, 1.0, 1.25))
         print(f"slora saturated throughput (60 s at {args.overload_rate:g} req/s): {cap:.2f} req/s; grid {grid}", flush=True)
         tput: dict[str, list[float]] = {}
-        for seed, policy, t in pool.map(_tput, [(args, s, scale, p, grid) for p in TPUT_POLICIES for s in seeds]):
+        for seed, policy, t in pool.map(_tput, [(args, s, scale, p, grid, "paper") for p in TPUT_POLICIES for s in seeds]):
             tput.setdefault(policy, []).append(t)
         base = _med(tput["slora"])
         rel = tuple(round(base * f, 2) for f in FRACTIONS)
         print(f"slora throughput at SLO (median): {base:.2f} req/s -> relative levels {rel}", flush=True)
-        jobs = [(args, s, scale, p, r) for p in policies for r in (*PAPER_RATES, *rel) for s in seeds]
-        jobs += [(args, s, scale, p, 8.0) for p in (*CACHE_POLICIES, *LAYOUT_POLICIES) if p not in policies for s in seeds]
-        jobs += [(args, s, scale * f, p, 8.0) for f in (0.75, 1.25) for p in ("slora", "chameleon") for s in seeds]
-        jobs += [(args, s, scale, p, rel[2]) for p in LAYOUT_POLICIES if p not in policies for s in seeds]
+        jobs = [(args, s, scale, p, r, "paper") for p in policies for r in (*PAPER_RATES, *rel) for s in seeds]
+        jobs += [(args, s, scale, p, 8.0, "paper") for p in (*CACHE_POLICIES, *LAYOUT_POLICIES) if p not in policies for s in seeds]
+        jobs += [(args, s, scale * f, p, 8.0, "paper") for f in (0.75, 1.25) for p in ("slora", "chameleon") for s in seeds]
+        jobs += [(args, s, scale, p, rel[2], "paper") for p in (*LAYOUT_POLICIES, *TAIL_POLICIES) if p not in policies for s in seeds]
+        # The S-LoRA generator (lengths U[8, 512), unscaled): its own capacity and relative levels.
+        sl_caps = list(pool.map(_capacity, [(args, s, 1.0, "slora", 9.0) for s in seeds]))
+        sl_grid = tuple(round(_med(sl_caps) * f, 2) for f in (0.5, 0.75, 1.0, 1.25))
+        sl_tput: dict[str, list[float]] = {}
+        for seed, policy, t in pool.map(_tput, [(args, s, 1.0, p, sl_grid, "slora") for p in SLORA_GEN_POLICIES for s in seeds]):
+            sl_tput.setdefault(policy, []).append(t)
+        sl_rel = tuple(round(_med(sl_tput["slora"]) * f, 2) for f in FRACTIONS)
+        print(f"S-LoRA generator: slora throughput at SLO {_med(sl_tput['slora']):.2f} req/s -> levels {sl_rel}", flush=True)
+        jobs += [(args, s, 1.0, p, r, "slora") for p in SLORA_GEN_POLICIES for r in sl_rel for s in seeds]
         for key, seed, d in pool.map(_at, jobs):
             at.setdefault(key, {})[seed] = d
         fig4: dict[str, list[dict[int, float]]] = {}
@@ -178,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fig4.setdefault(link, []).append(ratios)
     wall = time.perf_counter() - t0
     print("\n".join(_report(args, policies, seeds, scale, base, rel, tput, at, fig4)))
+    print("\n".join(_slora_report(seeds, sl_rel, sl_tput, at, rel, scale)))
     print(f"\n{len(jobs)} level runs + throughput searches + Fig. 4 in {wall:.0f} s wall ({args.workers} processes).")
     if args.plots:
         b = _bench(args, 0, scale)
@@ -194,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "simulated": True, "gpu": args.gpu, "model": args.model, "seeds": seeds, "duration_s": args.duration,
             "length_scale": scale, "slora_capacity_rps": caps, "throughput_at_slo": tput, "relative_rates": rel,
             "runs": {f"{p}@{r:g}@x{c:.4f}": v for (c, p, r), v in at.items()}, "fig4": fig4,
+            "slora_generator": {"throughput_at_slo": sl_tput, "relative_rates": sl_rel},
         }, indent=1, default=str))
     return 0
 
@@ -257,6 +272,31 @@ def _report(args: argparse.Namespace, policies: list[str], seeds: list[int], sca
     for link, runs in fig4.items():
         out.append(f"| {link} | {_spread([r[50] for r in runs])}x | {_spread([r[500] for r in runs])}x |")
     out.append("| paper (Fig. 4) | 1.69x | 2.60x |")
+    return out
+
+
+def _slora_report(seeds: list[int], sl_rel: tuple[float, ...], sl_tput: dict[str, list[float]],
+                  at: dict[tuple[float, str, float], dict[int, dict[str, Any]]], rel: tuple[float, ...], scale: float) -> list[str]:  # fmt: skip
+    def vals(c: float, p: str, r: float, key: str) -> list[float]:
+        return [at[(c, p, r)][s][key] for s in seeds]
+
+    out = [f"\n#### The tail at 1.05 x capacity ({rel[2]:g} req/s): what the SLO rules trade (median over seeds)\n",
+           "| policy | P50 | P90 | P99 | P99.9 | max | missed the SLO |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in TAIL_POLICIES:
+        if (scale, p, rel[2]) in at:
+            q = [_med(vals(scale, p, rel[2], k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_p999_s", "ttft_max_s")]
+            miss = _med(vals(scale, p, rel[2], "ttft_miss_share"))
+            out.append(f"| {p} | " + " | ".join(f"{x:.2f}" for x in q) + f" | {miss * 100:.1f}% |")
+    out.append("\n#### The S-LoRA generator (lengths U[8, 512), 100 adapters of ranks 64/32/16/8, alpha 1): "
+               "0.70 / 0.93 / 1.05 x slora's throughput at SLO\n")  # fmt: skip
+    out.append("| rate | policy | P50 TTFT (s) | P99 TTFT (s) [min–max] | P99 vs slora | throughput at SLO (req/s) |")
+    out.append("|---|---|---|---|---|---|")
+    for r in sl_rel:
+        s99 = _med(vals(-1.0, "slora", r, "ttft_p99_s"))
+        for p in SLORA_GEN_POLICIES:
+            v = vals(-1.0, p, r, "ttft_p99_s")
+            out.append(f"| {r:g} | {p} | {_med(vals(-1.0, p, r, 'ttft_p50_s')):.3f} | {_med(v):.3f} [{min(v):.2f}–{max(v):.2f}] | "
+                       f"{'' if p == 'slora' else _pct(_med(v) / s99 - 1)} | {_spread(sl_tput[p]) if r == sl_rel[0] else ''} |")
     return out
 
 

@@ -13,10 +13,10 @@ from chameleon.validate import boolean, non_negative_int, one_of, optional_posit
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
-SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper"]
+SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper", "chameleon-noslo"]
 KVCacheDType = Literal["auto", "int8", "fp8_e4m3"]
 AdapterCacheName = Literal["chameleon", "lru", "slora", "fairshare"]
-_SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper")
+_SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper", "chameleon-noslo")
 
 _MiB = 1 << 20
 

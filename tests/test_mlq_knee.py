@@ -1,5 +1,6 @@
 """Our MLQ rules for the knee (issue 13): charges recounted from holdings with an adapter counted
-once per queue, work conservation (phase 3), seat shares. The paper's literal rules: test_policy_mlq."""
+once per queue, work conservation (phase 3), seat shares. The paper's literal rules: test_policy_mlq;
+the SLO rules (urgency, triage): test_mlq_slo."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class SeatView(FakeView):
 
 
 def policy(view: FakeView, quotas: tuple[int, ...], cutoffs: tuple[float, ...] = (), **options: object) -> MLQPolicy:
+    """Our MLQ; the SLO rules (urgency, triage) off unless asked for: test_mlq_slo.py tests them."""
+    options = {"urgent_fraction": None, "triage": False, **options}
     p = MLQPolicy(make_predictor("oracle"), SchedulerOptions(predictor="oracle", early_first_refresh=False, **options))  # type: ignore[arg-type]
     p.bind(view)
     p.apply_layout(QueueLayout(cutoffs), quotas)

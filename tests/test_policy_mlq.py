@@ -27,6 +27,7 @@ class FakeView:
     running: list[Request] = attrs.field(factory=list)
     kv_capacity_tokens: int = CAPACITY
     max_model_len: int = 1000
+    max_num_seqs: int = 1000
     ranks: dict[str, int] = attrs.field(factory=dict)
     unavailable: set[str] = attrs.field(factory=set)
     tokens_per_rank: int = 0
@@ -52,7 +53,14 @@ def req(rid: str, prompt: int, output: int, t: float = 0.0, adapter: str | None 
 
 def make_policy(view: FakeView, **options: object) -> MLQPolicy:
     # The paper's literal MLQ (these tests pin its rules); ours is tested in test_mlq_knee.py.
-    literal = {"quota_charge": "upfront", "work_conserving": False, "seat_shares": False, "early_first_refresh": False}
+    literal = {
+        "quota_charge": "upfront",
+        "work_conserving": False,
+        "seat_shares": False,
+        "triage": False,
+        "urgent_fraction": None,
+        "early_first_refresh": False,
+    }
     options = {"predictor": "oracle", **literal, **options}
     policy = MLQPolicy(make_predictor("oracle"), SchedulerOptions(**options))  # type: ignore[arg-type]
     policy.bind(view)

@@ -34,6 +34,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "chameleon-static": ("chameleon-static", "chameleon"),
     "chameleon-k4": ("chameleon-k4", "chameleon"),
     "chameleon-paper": ("chameleon-paper", "chameleon"),
+    "chameleon-noslo": ("chameleon-noslo", "chameleon"),
     "fastserve": ("mlfq", "slora"),
 }
 

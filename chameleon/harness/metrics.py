@@ -144,6 +144,9 @@ class RunSummary:
     queue_share_e2e: float = _NAN
     mean_queue_s: float = _NAN
     num_unserved: int = 0  # requests that never got a first token
+    ttft_p999_s: float = _NAN  # the extreme tail, beside P99 (what SLO triage trades)
+    ttft_max_s: float = _NAN
+    ttft_miss_share: float = _NAN  # fraction of requests whose TTFT exceeds the TTFT SLO (or unserved)
     slo_ttft_s: float = _NAN
     slo_tbt_s: float = _NAN
 
@@ -186,6 +189,9 @@ def summarize(
         adapter_hit_rate=adapter_hit_rate,
         duration_s=makespan,
         ttft_mean_s=_mean(served_ttft),
+        ttft_p999_s=percentile(ttft, 99.9),
+        ttft_max_s=max(ttft, default=_NAN),
+        ttft_miss_share=sum(1 for t in ttft if not t <= slo_ttft_s) / len(ttft) if ttft else _NAN,
         slo_ttft_s=slo_ttft_s,
         slo_tbt_s=slo_tbt_s,
     )

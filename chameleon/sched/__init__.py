@@ -9,14 +9,25 @@ from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.sched.predictors import OutputLengthPredictor, make_predictor
 
-SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper")
-_LITERAL = {"quota_charge": "upfront", "work_conserving": False, "seat_shares": False}
+SCHEDULERS = (
+    "chameleon",
+    "fifo",
+    "sjf",
+    "mlfq",
+    "slora-exact",
+    "chameleon-static",
+    "chameleon-k4",
+    "chameleon-paper",
+    "chameleon-noslo",
+)
+_LITERAL = {"quota_charge": "upfront", "work_conserving": False, "seat_shares": False, "triage": False, "urgent_fraction": None}
 #: MLQ variants by scheduler name: options they override (docs/scheduling.md).
 MLQ_VARIANTS: dict[str, dict[str, object]] = {
     "chameleon": {},
     "chameleon-paper": _LITERAL,  # the paper's MLQ, read literally
     "chameleon-k4": {"k_rule": "wcss"},  # K by minimal WCSS, read literally (K = 4)
     "chameleon-static": {"k_rule": "static"},  # Ch-Static: 4 equal ranges, equal quotas
+    "chameleon-noslo": {"triage": False, "urgent_fraction": None},  # ours without the SLO rules
 }
 
 

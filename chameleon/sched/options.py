@@ -44,6 +44,13 @@ class SchedulerOptions:
     quota_charge: str = attrs.field(default="held", validator=one_of("upfront", "held"))
     work_conserving: bool = attrs.field(default=True, validator=boolean)  # ours: phase 3, FIFO
     seat_shares: bool = attrs.field(default=True, validator=boolean)  # ours: quotas share seats too
+    # Ours (docs/scheduling.md, "MLQ and the TTFT SLO"): a request waiting longer than
+    # urgent_fraction x slo_ttft_s is offered before the quotas, oldest first (None: never);
+    # under `triage` a request that already missed the SLO is offered after every request that can
+    # still meet it, while such misses stay within `triage_budget` of the recent arrivals.
+    urgent_fraction: float | None = attrs.field(default=0.2, validator=attrs.validators.optional(unit_interval))  # type: ignore[arg-type]
+    triage: bool = attrs.field(default=True, validator=boolean)
+    triage_budget: float = attrs.field(default=0.01, validator=unit_interval)
     wrs_window: int = attrs.field(default=1024, validator=positive_int)  # recent WRS values clustered
     min_cluster_samples: int = attrs.field(default=DEFAULT_MIN_SAMPLES, validator=int_at_least(2))
     min_silhouette: float = attrs.field(

@@ -8,19 +8,23 @@ bypassed by a younger request predicted to finish first (squashed if memory free
 from __future__ import annotations
 
 import bisect
-import enum
+import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
-import attrs
-
 from chameleon.sched.mlq.clustering import QueueLayout
+from chameleon.sched.mlq.entry import Entry as _Entry
+from chameleon.sched.mlq.entry import Offer as _Offer
+from chameleon.sched.mlq.entry import Outcome as _Outcome
+from chameleon.sched.mlq.entry import QueueCounters as _QueueCounters
+from chameleon.sched.mlq.entry import remaining_predicted
 from chameleon.sched.mlq.estimators import ArrivalRateEstimator
 from chameleon.sched.mlq.quotas import QuotaLedger, assign_quotas
-from chameleon.sched.mlq.sizing import request_tokens, weighted_request_size
+from chameleon.sched.mlq.sizing import weighted_request_size
+from chameleon.sched.mlq.triage import SloTriage
 from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.policy import GeneratorWalk, PolicyBase, SchedulingView, Walk
 from chameleon.sched.prediction import observe, predict
@@ -31,56 +35,6 @@ __all__ = ["BYPASS_SCAN", "MLQPolicy"]
 
 BYPASS_SCAN = 64  # younger requests of a blocked head's queue considered as bypassers
 PHASE3_SCAN = 256  # oldest waiting requests phase 3 offers in one iteration
-
-
-def remaining_predicted(entry: _Entry | None) -> int:
-    """Predicted decode tokens still to come (0 when unknown or already exceeded)."""
-    return 0 if entry is None else max(0, entry.predicted - len(entry.request.output_token_ids))
-
-
-@attrs.define(eq=False)
-class _Entry:
-    """What the policy keeps about one request, from `add` until it finishes or is aborted."""
-
-    request: Request
-    predicted: int  # output tokens, predicted once at arrival
-    wrs: float
-    adapter_tokens: int  # the adapter's memory in KV tokens, at arrival
-    key: tuple[float, int]  # FIFO order inside a queue: (arrival time, add order)
-    queue: int
-    enqueued_at: float  # arrival or the latest requeue (queueing time)
-    waiting: bool = True
-    bypassed: _Entry | None = None  # the blocked head this request went ahead of
-
-    @property
-    def rid(self) -> str:
-        return self.request.request_id
-
-    def cost(self) -> int:
-        r = self.request
-        output = max(self.predicted, len(r.output_token_ids))
-        return request_tokens(len(r.prompt_token_ids), output, self.adapter_tokens, kv_bytes_per_token=1)
-
-
-@attrs.define
-class _QueueCounters:
-    arrivals: int = 0
-    admissions: int = 0
-    leftover_admissions: int = 0  # phase-2 admissions (borrowed leftover quota)
-    queue_time_s: float = 0.0
-
-
-@attrs.frozen
-class _Offer:
-    entry: _Entry
-    leftover: bool
-    bypassed: _Entry | None
-
-
-class _Outcome(enum.Enum):
-    NO_QUOTA = "no-quota"
-    ADMITTED = "admitted"
-    REFUSED = "refused"
 
 
 class MLQPolicy(PolicyBase):
@@ -102,6 +56,8 @@ class MLQPolicy(PolicyBase):
         self._queue_adapters: set[tuple[int, str | None]] = set()  # (queue, adapter) held by running
         self._wrs_window: deque[float] = deque(maxlen=self.options.wrs_window)
         self._events: deque[tuple[float, float, float, bool]] = deque()  # (t, wrs, tokens|service, arrival?)
+        o = self.options
+        self.triage = SloTriage(o.slo_ttft_s, o.triage_budget, o.rate_window_s, enabled=o.triage)
         self._estimators: list[ArrivalRateEstimator] = []
         self._estimator_layout = self.layout  # the layout the estimators classify by
         self._counters: list[_QueueCounters] = [_QueueCounters()]
@@ -141,6 +97,7 @@ class MLQPolicy(PolicyBase):
         self._log(now, wrs, entry.cost(), arrival=True)
         self._estimators[queue].record_arrival(now, entry.cost())
         self._counters[queue].arrivals += 1
+        self.triage.arrived(entry, now)
 
     def requeue(self, request: Request, now: float) -> None:
         entry = self._left.pop(request.request_id, None) or self._entries[request.request_id]
@@ -209,18 +166,22 @@ class MLQPolicy(PolicyBase):
         now = self._tick(now)
         if self.options.quota_charge == "held":
             self._recount()
+        self.triage.update(now, self._entries)
         return GeneratorWalk(self, self._offers(now))
 
     def _offers(self, now: float) -> Generator[Request, None, None]:
         spilled: list[int] = []  # queues stopped by their own quota: they go on in phase 2
         try:
+            yield from self._urgent(now)
             for q in range(self.layout.num_queues):
                 if (yield from self._phase1(q, now)):
                     spilled.append(q)
             for q in spilled:
-                yield from self._phase2(q)
+                yield from self._phase2(q, now)
             if self.options.work_conserving:
-                yield from self._phase3()
+                yield from self._oldest_first(now, late=False)
+            if self.triage.active:
+                yield from self._oldest_first(now, late=True)
         finally:
             self._withdraw()
 
@@ -239,14 +200,45 @@ class MLQPolicy(PolicyBase):
         if entry.request.adapter is not None:
             self._queue_adapters.add((entry.queue, entry.request.adapter))
 
-    def _phase3(self) -> Generator[Request, None, None]:
-        """Work conservation (ours): whatever the quotas left unadmitted may still run, oldest first
-        across all queues, while the mechanism has seats, tokens and memory; nothing is charged
-        beyond what the next recount sees it hold."""
-        waiting = sorted((e for q in self._queues for e in q), key=lambda e: e.key)
-        for entry in waiting[:PHASE3_SCAN]:
+    def _urgent(self, now: float) -> Generator[Request, None, None]:
+        """`urgent_fraction` (ours): a request that waited longer than that share of the TTFT SLO
+        is offered before any quota, oldest first (EDF under one SLO), without quota; the recount
+        charges it to its queue. Missed requests are urgent too while triage is off."""
+        fraction = self.options.urgent_fraction
+        if fraction is not None:
+            cut = now - fraction * self.options.slo_ttft_s
+            yield from self._offer_oldest(lambda e: e.key[0] <= cut, stop_early=True)
+
+    def _oldest_first(self, now: float, *, late: bool) -> Generator[Request, None, None]:
+        """Work conservation (ours, phase 3): whatever the quotas left unadmitted may still run,
+        oldest first across all queues, while the mechanism has seats, tokens and memory; nothing is
+        charged beyond what the next recount sees it hold. Under triage the requests that can still
+        meet the TTFT SLO go first (`late=False`), then, in a last pass, those that missed it."""
+        yield from self._offer_oldest(lambda e: self.triage.last(e) == late, stop_early=False)
+
+    def _offer_oldest(self, keep: Callable[[_Entry], bool], *, stop_early: bool) -> Generator[Request, None, None]:
+        """Offer up to PHASE3_SCAN waiting requests that `keep` admits, oldest first across queues,
+        no quota taken. `stop_early`: `keep` holds for a prefix of every queue's FIFO order, and
+        requests triage puts last are left out."""
+
+        def pick(queue: list[_Entry]) -> Iterator[_Entry]:
+            for entry in queue:
+                if not keep(entry):
+                    if stop_early:
+                        return
+                elif not (stop_early and self.triage.last(entry)):
+                    yield entry
+
+        chosen = list(itertools.islice(heapq.merge(*map(pick, self._queues), key=lambda e: e.key), PHASE3_SCAN))
+        for entry in chosen:
             if entry.waiting:
                 yield from self._try(entry, 0, [entry.queue], None)
+
+    def _on_time(self, q: int) -> list[_Entry]:
+        """Queue q's waiting requests in FIFO order, without those triage puts last. Bounded: a
+        phase admits at most `max_num_seqs` per iteration."""
+        limit = self.view.max_num_seqs + BYPASS_SCAN + 1
+        return list(itertools.islice((e for e in self._queues[q] if not self.triage.last(e)), limit))
 
     def skip_blocked(self, request: Request) -> bool:
         return True
@@ -281,6 +273,8 @@ class MLQPolicy(PolicyBase):
             "bypasses": self.bypasses,
             "squashes": self.squashes,
             "refreshes": self.refreshes,
+            "slo_misses": self.triage.misses,
+            "triage_on": self.triage.active,
             "waiting": len(self),
         }
 
@@ -291,32 +285,31 @@ class MLQPolicy(PolicyBase):
 
     def _phase1(self, q: int, now: float) -> Generator[Request, None, bool]:
         """Offer queue q's requests FIFO from its own quota. Returns True if its quota stopped it."""
-        while self._queues[q]:
-            head = self._queues[q][0]
+        candidates = self._on_time(q)
+        for i, head in enumerate(candidates):
             cost = self._charge(head)
             if cost > self.ledger.remaining(q) or not self._seat_left(q):
                 return True
             if self._adapter_blocked(head, now):
-                yield from self._bypass(q, head, now)
+                yield from self._bypass(head, candidates[i + 1 : i + 1 + BYPASS_SCAN], now)
                 return False
             if (yield from self._try(head, cost, None, None)) is not _Outcome.ADMITTED:
                 return False
         return False
 
-    def _phase2(self, q: int) -> Generator[Request, None, None]:
+    def _phase2(self, q: int, now: float) -> Generator[Request, None, None]:
         """Offer queue q's requests FIFO from the leftover of idle queues (and its own remainder)."""
-        while self._queues[q]:
-            head = self._queues[q][0]
+        for head in self._on_time(q):
             lenders = [i for i, waiting in enumerate(self._queues) if not waiting and i != q] + [q]
             if (yield from self._try(head, self._charge(head), lenders, None)) is not _Outcome.ADMITTED:
                 return
 
-    def _bypass(self, q: int, head: _Entry, now: float) -> Generator[Request, None, None]:
-        """Offer younger requests of q that should finish before memory for `head` frees."""
+    def _bypass(self, head: _Entry, younger: list[_Entry], now: float) -> Generator[Request, None, None]:
+        """Offer younger requests of head's queue that should finish before memory for `head` frees."""
         horizon = self._memory_horizon()
         if horizon is None:
             return
-        for entry in self._queues[q][1 : 1 + BYPASS_SCAN]:
+        for entry in younger:
             if not entry.waiting or remaining_predicted(entry) >= horizon:
                 continue
             if entry.request.adapter is not None and not self.view.adapter_available(entry.request.adapter, now):
