@@ -76,6 +76,15 @@ def test_greedy_n_gives_identical_completions_and_final_carries_all(tiny_llama: 
     assert all(c.finish_reason == "length" and c.finished for c in out.outputs)
 
 
+def test_parent_metrics_on_a_clock_at_zero(tiny_llama: Path) -> None:
+    from chameleon.clock import ManualClock
+
+    core = build_core(tiny_llama, EngineConfig(dtype="float32"), clock=ManualClock())
+    core.add_request("z", PROMPT, SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True))
+    final = drain(core)[-1]
+    assert final.finished and final.metrics.finish_time == 0.0 and final.metrics.first_token_time == 0.0
+
+
 def test_cumulative_n_and_logprobs_per_completion(tiny_llama: Path) -> None:
     core = build_core(tiny_llama, EngineConfig(dtype="float32", enable_prefix_caching=True, block_size=4))
     sp = SamplingParams(n=2, max_tokens=3, temperature=0.8, seed=1, ignore_eos=True, output_kind="cumulative",

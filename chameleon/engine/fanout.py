@@ -73,7 +73,7 @@ class Parent:
             arrival_time=self.arrival_time,
             first_scheduled_time=first([m.first_scheduled_time for m in ms]),
             first_token_time=first([m.first_token_time for m in ms]),
-            finish_time=max(f for f in finish if f is not None) if self.finished and all(finish) else None,
+            finish_time=max(f for f in finish if f is not None) if self.finished and None not in finish else None,
             num_prompt_tokens=max((m.num_prompt_tokens for m in ms), default=0),
             num_generated_tokens=sum(m.num_generated_tokens for m in ms),
         )
