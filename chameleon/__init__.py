@@ -19,6 +19,8 @@ _EXPORTS = {
     "EngineStats": "chameleon.engine.stats",
     "RequestMetrics": "chameleon.outputs",
     "RequestOutput": "chameleon.outputs",
+    "CompletionOutput": "chameleon.outputs",
+    "Logprob": "chameleon.outputs",
     "AdapterInfo": "chameleon.outputs",
     "SamplingParams": "chameleon.sampling_params",
 }
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from chameleon.engine.core import EngineCore
     from chameleon.engine.stats import EngineStats
     from chameleon.engine.stream import RequestStream
-    from chameleon.outputs import AdapterInfo, RequestMetrics, RequestOutput
+    from chameleon.outputs import AdapterInfo, CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from chameleon.sampling_params import SamplingParams
 
 
@@ -49,9 +51,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "AdapterInfo",
     "AsyncEngine",
+    "CompletionOutput",
     "EngineConfig",
     "EngineCore",
     "EngineStats",
+    "Logprob",
     "RequestMetrics",
     "RequestOutput",
     "RequestStream",

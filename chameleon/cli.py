@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("questions", nargs="*", help="questions to ask (default: built-in ones)")
     demo.add_argument("--base-only", action="store_true", help="several questions to the base model, no adapters")
-    demo.add_argument("--steps", type=int, default=16, help="training steps per demo adapter (cached)")
+    demo.add_argument("--steps", type=int, default=12, help="training steps per demo adapter (cached)")
     from chameleon.harness.bench import add_bench_arguments, run_bench
     from chameleon.harness.calibrate import add_calibrate_arguments, run_calibrate
 

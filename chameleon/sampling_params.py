@@ -10,6 +10,14 @@ accepted as numbers, and ints are required where ints are meant. Bounds (all doc
   [0, 2**31). `seed`: None or an int in [0, 2**63).
 - `output_kind` (vLLM's `RequestOutputKind`): "delta" (each output carries only the new text and
   tokens), "cumulative" (each carries everything so far), "final" (one output, at the end).
+- `n`: an int in [1, MAX_N] = [1, 128]: that many independent completions of the prompt, carried in
+  `RequestOutput.outputs` (index 0..n-1). With a `seed`, completion i samples with seed
+  `(seed + i) % 2**63`, so completion i equals an n=1 request with that seed; without one, each
+  completion gets its own seed from the engine's. Greedy completions are identical (as in vLLM).
+- `logprobs`, `prompt_logprobs`: None or an int in [0, MAX_LOGPROBS] = [0, 20] (OpenAI's limit):
+  per sampled (or prompt) token its own logprob, its rank, and the `logprobs` most likely tokens.
+  They are vLLM's default "raw" logprobs: log-softmax of the model's logits *before* temperature,
+  top-k and top-p (see `chameleon/outputs.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e4
 MIN_TOP_P = 1e-6
 MAX_TOKEN_ID = 2**31 - 1
+MAX_N = 128
+MAX_LOGPROBS = 20
 OutputKind = Literal["delta", "cumulative", "final"]
 OUTPUT_KINDS: tuple[str, ...] = ("delta", "cumulative", "final")
 
@@ -75,10 +85,14 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     output_kind: OutputKind = "delta"
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __attrs_post_init__(self) -> None:
         self._check_numbers()
         self._check_stops()
+        self._check_outputs()
         for field in ("ignore_eos", "include_stop_str_in_output"):
             _check(isinstance(getattr(self, field), bool), f"{field} must be a bool, got {getattr(self, field)!r}")
         _check(
@@ -119,7 +133,23 @@ class SamplingParams:
             f"stop_token_ids must be ints in [0, {MAX_TOKEN_ID}], got {self.stop_token_ids!r}",
         )
 
+    def _check_outputs(self) -> None:
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an int in [1, {MAX_N}], got {self.n!r}")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, field)
+            _check(
+                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                f"{field} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}",
+            )
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether this row's full-vocabulary logits must be materialised: it samples from a
+        distribution, or asks for logprobs. A greedy row without logprobs needs only the argmax,
+        which the LM head may reduce chunk by chunk (`LlamaModel.greedy_tokens`)."""
+        return not self.greedy or self.logprobs is not None
 

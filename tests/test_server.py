@@ -283,3 +283,79 @@ def test_metrics_parse_with_per_adapter_series(served: tuple[str, AsyncEngine], 
     assert ttft and ttft[0].value > 0
     gen = [s for s in families["chameleon:generation_tokens"].samples if s.name.endswith("_total")]
     assert gen and gen[0].value >= 3
+
+
+# --- logprobs and n (the library's) ---------------------------------------------------------------
+
+
+def _library_logprobs(long_llama: Path, prompt: str, k: int) -> list[dict[int, Any]]:
+    from chameleon.engine.factory import build_core
+
+    core = build_core(long_llama, CONFIG)
+    ids = list(core.tokenizer(prompt).input_ids)
+    core.add_request("r", ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=k))
+    entries: list[dict[int, Any]] = []
+    while core.has_unfinished_requests():
+        for out in core.step():
+            entries += out.logprobs or ()
+    return entries
+
+
+def test_completions_logprobs_legacy_shape(client: openai.OpenAI, long_llama: Path) -> None:
+    kw: dict[str, Any] = {"model": BASE, "prompt": "The sea is", "max_tokens": 4, "temperature": 0, "logprobs": 3,
+        "extra_body": {"ignore_eos": True}}  # fmt: skip
+    out = client.completions.create(**kw)
+    lp = out.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    library = _library_logprobs(long_llama, "The sea is", 3)
+    assert lp.token_logprobs == pytest.approx([next(iter(e.values())).logprob for e in library], abs=1e-5)
+    assert lp.tokens == [next(iter(e.values())).decoded_token for e in library]
+    for top, value in zip(lp.top_logprobs, lp.token_logprobs, strict=True):
+        assert 1 <= len(top) <= 4 and max(top.values()) == pytest.approx(value)  # greedy: the best one
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    chunks = [c for c in client.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs]
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert streamed == lp.tokens and offsets == lp.text_offset  # offsets continue across chunks
+    plain = client.completions.create(model=BASE, prompt="The sea is", max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_shape_streaming_and_not(client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "a8", "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    full = client.chat.completions.create(**kw)
+    content = full.choices[0].logprobs.content
+    assert len(content) == 6 == full.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+        assert item.bytes is not None and item.logprob <= 0
+    plain = [i for i in content if not i.token.startswith("<|")]
+    if len(plain) == len(content):  # no special tokens: the bytes spell the text exactly
+        assert bytes(b for i in content for b in i.bytes).decode() == full.choices[0].message.content
+    stream = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [i for c in stream if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    bare = client.chat.completions.create(model="a8", messages=MESSAGES, max_tokens=2, logprobs=True)
+    assert all(i.top_logprobs == [] for i in bare.choices[0].logprobs.content)
+
+
+def test_logprobs_errors_are_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2, top_logprobs=2)
+    for bad in (21, -1):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2, logprobs=True, top_logprobs=bad)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=BASE, prompt="hi", max_tokens=2, logprobs=bad)
+
+
+def test_n_choice_i_is_the_library_seed_plus_i(client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": BASE, "prompt": "The sea is", "max_tokens": 6, "temperature": 1.0,
+        "extra_body": {"ignore_eos": True}}  # fmt: skip
+    many = client.completions.create(**kw, n=3, seed=11, logprobs=1)
+    for c in many.choices:
+        alone = client.completions.create(**kw, seed=11 + c.index)
+        assert c.text == alone.choices[0].text
+        assert c.logprobs is not None and len(c.logprobs.tokens) == 6

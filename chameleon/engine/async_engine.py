@@ -41,7 +41,7 @@ from chameleon.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
-from chameleon.outputs import AdapterInfo, RequestMetrics, RequestOutput
+from chameleon.outputs import AdapterInfo, RequestMetrics, RequestOutput, merge_outputs
 from chameleon.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -455,8 +455,7 @@ def _check_name(what: str, value: object) -> None:
 
 def _merge(first: RequestOutput, then: RequestOutput, cumulative: bool) -> RequestOutput:
     """Two consecutive outputs of one request as one (what a lagging consumer reads)."""
-    ids = then.token_ids if cumulative else first.token_ids + then.token_ids
-    return attrs.evolve(then, delta=first.delta + then.delta, token_ids=ids)
+    return merge_outputs(first, then, cumulative)
 
 
 def _with_error(out: RequestOutput, error: str) -> RequestOutput:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -23,12 +23,14 @@ from chameleon.engine.checks import (
     prompt_list,
     try_load,
 )
+from chameleon.engine.core_adapters import CoreAdapters
+from chameleon.engine.emit import output, record_logprobs, record_prompt_logprobs, stop_reason
+from chameleon.engine.fanout import Fanout, Parent, child_id, child_sampling, ids_of
 from chameleon.engine.kv_stats import prefix_salt
 from chameleon.engine.sequence import sequence_input
 from chameleon.engine.stats import EngineStats, collect_stats
+from chameleon.engine.token_text import TokenText
 from chameleon.errors import (
-    AdapterExistsError,
-    AdapterInUseError,
     EngineStepError,
     InvalidRequestError,
 )
@@ -65,12 +67,13 @@ class Detokenizer(Protocol):
     def finish(self) -> str: ...
 
 
-class EngineCore(Generic[AdapterT]):
+class EngineCore(CoreAdapters[AdapterT]):
     """One iteration per `step()`: schedule, move KV and adapters, execute, emit outputs.
 
     `config` is passed whole (scheduler, cache policy, limits, prefetch, seed); `limits` are what
     the model imposes. `tokenizer` (optional) turns token ids into text deltas and stop strings;
-    without one, outputs carry ids only (the simulator). `clock` is injected.
+    without one, outputs carry ids only (the simulator). `clock` is injected. A request with
+    `sampling.n > 1` runs as n child requests whose outputs are merged (`engine/fanout.py`).
     """
 
     def __init__(
@@ -113,6 +116,8 @@ class EngineCore(Generic[AdapterT]):
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
+        self._fanout = Fanout()  # requests with n > 1 and their children
+        self._token_text = TokenText(tokenizer)  # logprobs' token strings
         self._gone: list[str] = []  # finished since the last execute: the executor drops their state
         self._seed_rng = random.Random(config.seed)
         self._num_finished = 0
@@ -132,11 +137,11 @@ class EngineCore(Generic[AdapterT]):
         return self._clock.now()
 
     def request_ids(self) -> list[str]:
-        """Ids of the unfinished requests, in arrival order."""
-        return list(self.requests)
+        """Ids of the unfinished requests, in arrival order (a request with n > 1 once)."""
+        return self._fanout.public_ids(list(self.requests)) if self._fanout.parents else list(self.requests)
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self.requests
+        return request_id in self._fanout or (request_id in self.requests and not self._fanout.is_child(request_id))
 
     def read_adapter(self, name: str, path: str) -> AdapterT:
         """Validate and read an adapter into host memory; safe in a worker thread (no core state)."""
@@ -163,21 +168,45 @@ class EngineCore(Generic[AdapterT]):
     ) -> None:
         sampling = SamplingParams() if sampling is None else sampling
         prompt = self.check_request(request_id, prompt_token_ids, adapter, sampling=sampling)
-        request = Request(
+        arrival = self.clock.now() if arrival_time is None else arrival_time
+        if sampling.n > 1:
+            self._add_parent(request_id, prompt, sampling, adapter, arrival)
+        else:
+            self._admit(self._new_request(request_id, prompt, sampling, adapter, arrival))
+        if adapter is not None and self.arrival_predictor is not None:
+            self.arrival_predictor.observe(adapter, arrival)
+
+    def _new_request(
+        self, request_id: str, prompt: list[int], sampling: SamplingParams, adapter: str | None, arrival: float
+    ) -> Request:
+        return Request(
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling,
-            arrival_time=self.clock.now() if arrival_time is None else arrival_time,
+            arrival_time=arrival,
             adapter=adapter,
             seed=self._seed(sampling),
             prefix_salt=prefix_salt(self.adapters[adapter] if adapter is not None else None, self.config),
         )
+
+    def _admit(self, request: Request) -> None:
         if self.tokenizer is not None:
-            self._detokenizers[request_id] = self._new_detokenizer(prompt, sampling)
-        self.requests[request_id] = request
+            self._detokenizers[request.request_id] = self._new_detokenizer(request.prompt_token_ids, request.sampling)
+        self.requests[request.request_id] = request
         self.scheduler.add(request, request.arrival_time)
-        if adapter is not None and self.arrival_predictor is not None:
-            self.arrival_predictor.observe(adapter, request.arrival_time)
+
+    def _add_parent(
+        self, request_id: str, prompt: list[int], sampling: SamplingParams, adapter: str | None, arrival: float
+    ) -> None:
+        """n children (`engine/fanout.py`); with prefix caching, 1..n-1 wait for child 0's prefill."""
+        ids = tuple(child_id(request_id, i) for i in range(sampling.n))
+        children = [self._new_request(cid, prompt, child_sampling(sampling, i), adapter, arrival) for i, cid in enumerate(ids)]
+        for i, child in enumerate(children):
+            child.index = i
+        hold = self.config.enable_prefix_caching
+        self._fanout.add(Parent(request_id, sampling, arrival, ids, children[1:] if hold else []))
+        for child in children[:1] if hold else children:
+            self._admit(child)
 
     def check_request(
         self,
@@ -197,8 +226,10 @@ class EngineCore(Generic[AdapterT]):
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         check_adapter_usable(adapter, self.adapters)
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        for rid in ids_of(request_id, sampling.n if sampling is not None else 1):  # with n > 1: its children's
+            if rid in self.requests or rid in self._fanout:
+                child = "" if rid == request_id else f" (completion of {request_id!r})"
+                raise InvalidRequestError(f"request_id {rid!r}{child} is already in use")
         prompt = prompt_list(request_id, prompt_token_ids, self.limits.vocab_size)
         check_fits(request_id, len(prompt), sampling, self.limits.max_model_len)
         return prompt
@@ -217,52 +248,13 @@ class EngineCore(Generic[AdapterT]):
         )
         return detokenizer
 
-    # --- adapters -------------------------------------------------------------------------------
-
-    def add_adapter(self, name: str, path: str) -> AdapterInfo:
-        """Validate and load a PEFT adapter into host memory (see `register_adapter`)."""
-        self._check_new_adapter(name)
-        return self.register_adapter(name, self._executor.read_adapter(name, path))
-
-    def register_adapter(self, name: str, adapter: AdapterT) -> AdapterInfo:
-        """Register an adapter `read_adapter` returned (reading is safe off-thread; this is not)."""
-        self._check_new_adapter(name)
-        try:
-            info = self._executor.register_adapter(adapter)
-            self.adapter_cache.register(info.name, info.max_rank)
-        except BaseException:  # refused (e.g. AdapterMemoryError): the executor must keep nothing
-            self._executor_forget(name)
-            raise
-        self.adapters[info.name] = info
-        return info
-
-    def _executor_forget(self, name: str) -> None:
-        try:
-            self._executor.unregister_adapter(name)
-        except Exception:  # never registered that far: nothing to forget
-            log.debug("unregister after a refused registration of %r failed", name, exc_info=True)
-
-    def _check_new_adapter(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidRequestError(f"adapter names are non-empty strings, got {name!r}")
-        if name in self.adapters:
-            raise AdapterExistsError(f"an adapter named {name!r} is already registered")
-
-    def remove_adapter(self, name: str) -> None:
-        users = [r.request_id for r in self.requests.values() if r.adapter == name]
-        if name in self.adapters and users:
-            raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} unfinished requests, e.g. {users[0]!r}")
-        self.adapter_cache.unregister(name)  # raises AdapterNotFoundError for unknown names
-        self._executor.unregister_adapter(name)
-        del self.adapters[name]
-
-    def pin_adapter(self, name: str, pinned: bool = True) -> None:
-        """A pinned adapter is never evicted from the device once loaded."""
-        self.adapter_cache.pin(name, pinned)  # raises AdapterMemoryError before anything changes
-        self.adapters[name] = attrs.evolve(self.adapters[name], pinned=pinned)
-
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free what it holds. Returns its final output, or None if unknown."""
+        if request_id in self._fanout:
+            return self._fanout.abort(request_id, self._abort_one)
+        return None if self._fanout.is_child(request_id) else self._abort_one(request_id)
+
+    def _abort_one(self, request_id: str) -> RequestOutput | None:
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -271,12 +263,21 @@ class EngineCore(Generic[AdapterT]):
     # --- the iteration ----------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._fanout.has_held()
 
     def step(self) -> list[RequestOutput]:
         """One iteration. Faults stay as local as they can: a failing adapter load fails only that
         adapter's requests (and quarantines it), a failed sampling row only its request, a
         `schedule()` failure only the waiting requests; any other exception fails the batch."""
+        outputs = self._step()
+        if not self._fanout.parents:
+            return outputs
+        outputs = self._fanout.collect(outputs, self._abort_one)
+        for child in self._fanout.ready(self.requests.get):  # child 0 has computed the prompt
+            self._admit(child)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         now = self.clock.now()
         try:
             batch = self.scheduler.schedule(now, self._likely(now))
@@ -399,12 +400,17 @@ class EngineCore(Generic[AdapterT]):
         """Apply a step's tokens. A sampling request the executor gave no token fails alone."""
         now = self.clock.now()
         errors: dict[str, str] = getattr(sampled, "errors", {})
+        logprobs = getattr(sampled, "logprobs", {})
+        prompt_logprobs = getattr(sampled, "prompt_logprobs", {})
         outputs = []
         for item in batch.scheduled:
             request = item.request
             samples = item.samples  # before the count moves: it is derived from it
             request.num_computed_tokens += item.num_new_tokens
             self.blocks.commit(request)  # prefix caching: index the blocks it has just filled
+            if prompt_logprobs and request.request_id in prompt_logprobs:
+                first, entries = prompt_logprobs[request.request_id]
+                record_prompt_logprobs(request, first, entries, self._token_text)
             if not samples:
                 continue
             token = sampled.get(request.request_id)
@@ -413,6 +419,7 @@ class EngineCore(Generic[AdapterT]):
                 outputs.append(self._fail(request, reason))
                 continue
             request.output_token_ids.append(token)
+            record_logprobs(request, logprobs.get(request.request_id), self._token_text)
             if request.first_token_time is None:
                 request.first_token_time = now
             out = self._emit(request, token)
@@ -421,7 +428,7 @@ class EngineCore(Generic[AdapterT]):
         return outputs
 
     def _emit(self, request: Request, token: int) -> RequestOutput | None:
-        reason = self._stop_reason(request, token)
+        reason = stop_reason(request, token, self.limits.eos_token_ids, self.limits.max_model_len)
         delta = ""
         detokenizer = self._detokenizers.get(request.request_id)
         if detokenizer is not None:
@@ -435,23 +442,15 @@ class EngineCore(Generic[AdapterT]):
         if kind == "final":
             return None  # only the finished output, with everything
         cumulative = kind == "cumulative"
-        return RequestOutput(
-            request_id=request.request_id,
+        return output(
+            request,
             delta=delta,
             token_ids=tuple(request.output_token_ids) if cumulative else (token,),
             text=detokenizer.text if detokenizer is not None and cumulative else "",
             finished=False,
-            finish_reason=None,
-            metrics=request.metrics(),
+            reason=None,
+            cumulative=cumulative,
         )
-
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
-        p = request.sampling
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.limits.eos_token_ids):
-            return "stop"
-        if len(request.output_token_ids) >= p.max_tokens or request.num_tokens >= self.limits.max_model_len:
-            return "length"
-        return None
 
     def _finish(
         self,
@@ -478,14 +477,14 @@ class EngineCore(Generic[AdapterT]):
             new_ids = tuple(request.output_token_ids)
             if kind == "final" and detokenizer is not None:
                 delta = detokenizer.text
-        return RequestOutput(
-            request_id=request.request_id,
+        return output(
+            request,
             delta=delta,
             token_ids=new_ids,
             text=detokenizer.text if detokenizer is not None else "",
             finished=True,
-            finish_reason=reason,
-            metrics=request.metrics(),
+            reason=reason,
+            cumulative=kind != "delta",
             error=error,
         )
 

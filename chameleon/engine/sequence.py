@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from chameleon.executor.base import SequenceInput
+from chameleon.executor.base import PromptLogprobsAsk, SequenceInput
+from chameleon.sched.request import Request
 from chameleon.sched.scheduler import ScheduledRequest
 
 
@@ -19,7 +20,19 @@ def sequence_input(item: ScheduledRequest) -> SequenceInput:
         adapter=r.adapter,
         sampling=r.sampling if start + n == r.num_tokens else None,
         seed=r.seed,
+        prompt_logprobs=_prompt_ask(r, start, n) if r.sampling.prompt_logprobs is not None else None,
     )
+
+
+def _prompt_ask(r: Request, start: int, n: int) -> PromptLogprobsAsk | None:
+    """The prompt tokens this chunk predicts (position p predicts token p + 1), while the prompt
+    logprobs are still being collected; a chunk recomputed after a preemption asks again."""
+    if r.sampling.prompt_logprobs is None or len(r.prompt_logprobs) >= len(r.prompt_token_ids) - 1:
+        return None  # not asked, or all collected
+    stop = min(start + n, len(r.prompt_token_ids) - 1)
+    if stop <= start:
+        return None
+    return PromptLogprobsAsk(r.sampling.prompt_logprobs, start + 1, r.prompt_token_ids[start + 1 : stop + 1])
 
 
 def _token_range(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:

@@ -11,6 +11,12 @@ the core can re-run the batch without that adapter's rows); anything else raised
 whole-batch fault. Per-request state an executor keeps (a seeded
 generator) is dropped when the request's id appears in `StepInput.finished`. The step values are
 NamedTuples: they are built for every sequence every iteration, where attrs' frozen init costs.
+
+Logprobs (only for the rows that ask, so the others pay nothing): a sampling row whose
+`sampling.logprobs` is set gets a `TokenLogprobs` in `StepOutput.logprobs`; a sequence whose
+`prompt_logprobs` is set gets one `TokenLogprobs` per target in `StepOutput.prompt_logprobs`.
+Both are log-softmax of the raw logits (before temperature, top-k, top-p). An executor that
+cannot compute them (the simulator) leaves them out; the outputs then carry none.
 """
 
 from __future__ import annotations
@@ -21,6 +27,26 @@ from chameleon.outputs import AdapterInfo
 from chameleon.sampling_params import SamplingParams
 
 AdapterT = TypeVar("AdapterT")
+
+
+class PromptLogprobsAsk(NamedTuple):
+    """Logprobs wanted for prompt tokens this step: row r of the sequence's chunk predicts prompt
+    token `first + r`, which is `targets[r]`; with the `k` most likely tokens each."""
+
+    k: int
+    first: int
+    targets: list[int]
+
+
+class TokenLogprobs(NamedTuple):
+    """One position's logprobs: the chosen (sampled or prompt) token's, its rank (the number of
+    vocabulary entries with a logprob at least its own), and the top-k, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 class SequenceInput(NamedTuple):
@@ -34,6 +60,7 @@ class SequenceInput(NamedTuple):
     adapter: str | None
     sampling: SamplingParams | None  # set when this step ends at the sequence's last token
     seed: int  # the request's sampling seed (stable across preemptions)
+    prompt_logprobs: PromptLogprobsAsk | None = None  # prompt tokens whose logprobs this step computes
 
     @property
     def samples(self) -> bool:
@@ -62,6 +89,9 @@ class StepOutput(dict[str, int]):
     def __init__(self, tokens: dict[str, int] | None = None, errors: dict[str, str] | None = None) -> None:
         super().__init__(tokens or {})
         self.errors: dict[str, str] = errors or {}
+        self.logprobs: dict[str, TokenLogprobs] = {}  # sampled tokens' logprobs, for rows that ask
+        # request id -> (index of the first prompt token, one entry per PromptLogprobsAsk target)
+        self.prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = {}
 
 
 class AdapterFault(Exception):

@@ -12,6 +12,12 @@ Two forms of each entry point:
 - `sample` / `sample_from_hidden` return `list[int]` when every row succeeds and otherwise raise
   `SamplingError` carrying `rows` (the failed indices) and `tokens` (the per-row result, None where
   failed), so a caller written for the old all-or-nothing API can catch it and still fail only those.
+
+Logprobs: pass a dict as `logprobs_out` and every successfully sampled row whose params set
+`logprobs` gets its `TokenLogprobs` there, by row index, computed from the same logits the row
+sampled from (`executor/logprobs.py`: raw log-softmax, before temperature). A greedy row asking for
+logprobs therefore materialises its logits (`SamplingParams.needs_logits`); the other greedy rows
+still never do.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from chameleon.errors import SamplingError
+from chameleon.executor.base import TokenLogprobs
+from chameleon.executor.logprobs import token_logprobs
 from chameleon.sampling_params import SamplingParams
 
 
@@ -59,6 +67,7 @@ def sample_rows(
     logits: torch.Tensor,  # [S, vocab] float32
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
+    logprobs_out: dict[int, TokenLogprobs] | None = None,
 ) -> list[int | None]:
     """One token per row, or None for a row that cannot be sampled. Each row draws from its own
     generator, so a seeded request gives the same tokens whatever else shares its batch."""
@@ -72,7 +81,21 @@ def sample_rows(
             out.append(int(greedy_ids[row]))
         else:
             out.append(_draw(logits[row], p, gen))
+    if logprobs_out is not None:
+        _add_logprobs(logits, params, out, logprobs_out)
     return out
+
+
+def _add_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], tokens: list[int | None], into: dict[int, TokenLogprobs]
+) -> None:
+    rows = [i for i, (p, t) in enumerate(zip(params, tokens, strict=True)) if p.logprobs is not None and t is not None]
+    if not rows:
+        return
+    chosen = [tokens[i] or 0 for i in rows]
+    ks = [params[i].logprobs or 0 for i in rows]
+    for row, lp in zip(rows, token_logprobs(_rows(logits, rows), chosen, ks), strict=True):
+        into[row] = lp
 
 
 def sample_rows_from_hidden(
@@ -82,21 +105,29 @@ def sample_rows_from_hidden(
     *,
     logits: Callable[[torch.Tensor], torch.Tensor],  # hidden -> [n, vocab] float32
     greedy: Callable[[torch.Tensor], torch.Tensor],  # hidden -> [n] argmax ids, logits never materialised
+    logprobs_out: dict[int, TokenLogprobs] | None = None,
 ) -> list[int | None]:
     """Like `sample_rows`, but greedy rows never materialise their logits (the head reduces them chunk
-    by chunk) and only the other rows pay for a full [n, vocab] float32 tensor."""
+    by chunk) and only the rows that need them (`SamplingParams.needs_logits`) pay for a full
+    [n, vocab] float32 tensor."""
     finite = torch.isfinite(hidden).all(-1).tolist()
     out: list[int | None] = [None] * len(params)
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy and finite[i]]
+    greedy_rows = [i for i, p in enumerate(params) if not p.needs_logits and finite[i]]
     if greedy_rows:
         ids = greedy(_rows(hidden, greedy_rows)).tolist()
         for row, token in zip(greedy_rows, ids, strict=True):
             out[row] = int(token)
-    rest = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
+    rest = [i for i, p in enumerate(params) if p.needs_logits and finite[i]]
     if rest:
-        sampled = sample_rows(logits(_rows(hidden, rest)), [params[i] for i in rest], [generators[i] for i in rest])
+        local: dict[int, TokenLogprobs] | None = None if logprobs_out is None else {}
+        sampled = sample_rows(
+            logits(_rows(hidden, rest)), [params[i] for i in rest], [generators[i] for i in rest], local
+        )
         for row, token in zip(rest, sampled, strict=True):
             out[row] = token
+        for j, lp in (local or {}).items():
+            assert logprobs_out is not None
+            logprobs_out[rest[j]] = lp
     return out
 
 
@@ -107,10 +138,13 @@ def _rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    logprobs_out: dict[int, TokenLogprobs] | None = None,
 ) -> list[int]:
     """`sample_rows`, all rows or `SamplingError` (module docstring)."""
-    return _all_or_raise(sample_rows(logits, params, generators))
+    return _all_or_raise(sample_rows(logits, params, generators, logprobs_out))
 
 
 def sample_from_hidden(
@@ -120,9 +154,12 @@ def sample_from_hidden(
     *,
     logits: Callable[[torch.Tensor], torch.Tensor],
     greedy: Callable[[torch.Tensor], torch.Tensor],
+    logprobs_out: dict[int, TokenLogprobs] | None = None,
 ) -> list[int]:
     """`sample_rows_from_hidden`, all rows or `SamplingError` (module docstring)."""
-    return _all_or_raise(sample_rows_from_hidden(hidden, params, generators, logits=logits, greedy=greedy))
+    return _all_or_raise(
+        sample_rows_from_hidden(hidden, params, generators, logits=logits, greedy=greedy, logprobs_out=logprobs_out)
+    )
 
 
 def _all_or_raise(tokens: list[int | None]) -> list[int]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
-from chameleon.executor.base import AdapterFault, SequenceInput, StepInput, StepOutput
+from chameleon.executor.base import AdapterFault, PromptLogprobsAsk, SequenceInput, StepInput, StepOutput, TokenLogprobs
+from chameleon.executor.logprobs import head_rows, prompt_logprobs
 from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
@@ -209,6 +210,8 @@ class TorchExecutor:
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
         samplers: list[SequenceInput] = []
+        asks: list[tuple[int, PromptLogprobsAsk]] = []  # prompt logprobs: (first row, what it asks)
+        ask_ids: list[str] = []
         adapters = []
         # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
         items = sorted(step.sequences, key=lambda s: self._adapter_order(s.adapter))
@@ -217,6 +220,9 @@ class TorchExecutor:
                 self._await_copy(name)  # a prefetched adapter this batch needs must be complete
         for seq in items:
             n, start = len(seq.token_ids), seq.start_pos
+            if seq.prompt_logprobs is not None:
+                asks.append((len(token_ids), seq.prompt_logprobs))
+                ask_ids.append(seq.request_id)
             token_ids.extend(seq.token_ids)
             positions.extend(range(start, start + n))
             query_lens.append(n)
@@ -228,53 +234,67 @@ class TorchExecutor:
                 samplers.append(seq)
         dev = self.device
         meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev)
+        rows, at_sample, at_prompt = head_rows(sample_rows, asks) if asks else (sample_rows, [], [])
         hidden = self.model(
             torch.tensor(token_ids, device=dev),
             torch.tensor(positions, device=dev),
             meta,
             self.kv_caches,
-            torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            torch.tensor(rows, dtype=torch.long, device=dev),
             self.lora_pool.batch(adapters, query_lens, self.lora_backend),
         )
-        if not samplers:
-            return StepOutput()
-        return self._sample(hidden, samplers)
+        if not asks:
+            return self._sample(hidden, samplers) if samplers else StepOutput()
+        # Prompt logprobs (only sequences that ask): their prompt rows reached the head as well.
+        out = self._sample(_take(hidden, at_sample), samplers) if samplers else StepOutput()
+        out.prompt_logprobs.update(
+            prompt_logprobs(_take(hidden, at_prompt), list(zip(ask_ids, (a for _, a in asks), strict=True)),
+                            self.model.logits)
+        )
+        return out
 
     def _sample(self, hidden: torch.Tensor, samplers: list[SequenceInput]) -> StepOutput:
         """Sample every row at once; if that raises, row by row, so one bad row fails alone."""
+        logprobs: dict[int, TokenLogprobs] = {}
         try:
-            tokens = self._sample_rows(hidden, samplers)
+            tokens = self._sample_rows(hidden, samplers, logprobs)
         except Exception:  # a degenerate row: find it without failing its neighbours
             return self._sample_each(hidden, samplers)
         out = StepOutput()
-        for seq, token in zip(samplers, tokens, strict=True):
-            self._accept(out, seq.request_id, token)
+        for i, (seq, token) in enumerate(zip(samplers, tokens, strict=True)):
+            self._accept(out, seq.request_id, token, logprobs.get(i))
         return out
 
     def _sample_each(self, hidden: torch.Tensor, samplers: list[SequenceInput]) -> StepOutput:
         out = StepOutput()
         for i, seq in enumerate(samplers):
+            logprobs: dict[int, TokenLogprobs] = {}
             try:
-                (token,) = self._sample_rows(hidden[i : i + 1], [seq])
+                (token,) = self._sample_rows(hidden[i : i + 1], [seq], logprobs)
             except Exception as exc:
                 out.errors[seq.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
                 continue
-            self._accept(out, seq.request_id, token)
+            self._accept(out, seq.request_id, token, logprobs.get(0))
         return out
 
-    def _sample_rows(self, hidden: torch.Tensor, samplers: list[SequenceInput]) -> list[int]:
+    def _sample_rows(
+        self, hidden: torch.Tensor, samplers: list[SequenceInput], logprobs: dict[int, TokenLogprobs]
+    ) -> list[int]:
         return sample_from_hidden(
             hidden,
             [s.sampling for s in samplers],  # type: ignore[misc]  # set for every sampler
             [self._generator(s) for s in samplers],
             logits=self.model.logits,
             greedy=self.model.greedy_tokens,
+            logprobs_out=logprobs,
         )
 
-    def _accept(self, out: StepOutput, request_id: str, token: object) -> None:
+    def _accept(self, out: StepOutput, request_id: str, token: object, logprobs: TokenLogprobs | None) -> None:
         """Keep a sampled token if it is a real id; a sampler's failure marker fails the row."""
         if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < self.spec.vocab_size:
             out[request_id] = token
+            if logprobs is not None:
+                out.logprobs[request_id] = logprobs
         else:
             out.errors[request_id] = f"the sampler produced no valid token (got {token!r})"
 
@@ -299,6 +319,10 @@ class TorchExecutor:
 def base_model_spec(spec: ModelSpec, dtype: torch.dtype) -> BaseModelSpec:
     """The shapes adapters are validated against, from the model's geometry."""
     return BaseModelSpec(num_layers=spec.num_layers, module_shapes=spec.geometry.module_shapes(), dtype=dtype)
+
+def _take(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=hidden.device))
+
 
 def _to_host(cache: KVCache, slots: torch.Tensor, pin: bool) -> object:
     """A host copy of some slots of one cache (codes and scales when quantized)."""

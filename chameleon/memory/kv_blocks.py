@@ -95,10 +95,13 @@ class KVBlockManager:
 
     def attach_prefix(self, request: Request) -> int | None:
         """At admission: share the cached full blocks that start `request`'s tokens and skip
-        computing them. At least the last token is always computed (the step must sample).
+        computing them. At least the last token is always computed (the step must sample). A
+        request asking for prompt logprobs attaches nothing (it still indexes its blocks for others).
         Returns the tokens hit, or None when nothing was looked up (prefix caching off, a swapped
         or half-computed request)."""
         if self.prefix is None or request.block_table or request.num_computed_tokens or not request.prefix_sharing:
+            return None
+        if request.sampling.prompt_logprobs is not None:  # every prompt position must be computed
             return None
         tokens = request.all_token_ids
         hits = []

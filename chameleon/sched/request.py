@@ -6,7 +6,7 @@ import enum
 
 import attrs
 
-from chameleon.outputs import FinishReason, RequestMetrics
+from chameleon.outputs import FinishReason, PositionLogprobs, RequestMetrics
 from chameleon.sampling_params import SamplingParams
 
 
@@ -49,6 +49,11 @@ class Request:
     block_keys: list[bytes] = attrs.field(factory=list)  # keys of its full blocks, memoized
     num_registered_blocks: int = 0  # leading blocks indexed in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its last admission
+    # Outputs: which of its parent's n completions it is, and logprobs when its sampling asks.
+    index: int = 0
+    logprobs: list[PositionLogprobs] = attrs.field(factory=list)  # one per output token
+    prompt_logprobs: dict[int, PositionLogprobs] = attrs.field(factory=dict)  # prompt index -> entry
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -19,8 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from chameleon import AsyncEngine, RequestStream
+from chameleon import AsyncEngine
 from chameleon.chat import render_chat
+from chameleon.engine.token_text import TokenText
 from chameleon.errors import ChameleonError, EngineOverloadedError
 from chameleon.serve.errors import APIError, from_chameleon, model_not_found
 from chameleon.serve.metrics import InFlight, ServerMetrics
@@ -32,7 +33,7 @@ from chameleon.serve.protocol import (
     UnloadLoRAAdapterRequest,
     _Sampled,
 )
-from chameleon.serve.responses import Envelope, collect, full_body, sse_stream
+from chameleon.serve.responses import Envelope, Kind, collect, full_body, sse_stream
 from chameleon.serve.runs import Run, start_run
 
 
@@ -55,6 +56,7 @@ class OpenAIServer:
         self.adapter_paths: dict[str, str] = {}
         self.created = int(time.time())
         self.in_flight = InFlight()
+        self.token_text = TokenText(engine.tokenizer)  # logprobs' token strings and bytes
         self.metrics = ServerMetrics(
             engine.stats, lambda: [a.name for a in engine.adapters()], self.in_flight, served_model_name
         )
@@ -73,14 +75,15 @@ class OpenAIServer:
                 f"the server is at its limit of {self.max_queued} in-flight requests; retry later"
             )
 
-    async def start(self, req: _Sampled, start_one: Callable[[int, Any], RequestStream]) -> Run:
+    def start(self, req: _Sampled, prompt: str | list[int]) -> Run:
+        """One engine request for all `n` choices (the library runs them, `SamplingParams.n`)."""
         adapter = self.adapter_for(req.model)
         self.check_capacity(req.n)
+        stream = self.engine.generate(prompt, req.to_sampling(self.default_max_tokens), adapter=adapter)
+        return start_run(stream, req.n, adapter, self.in_flight, self.metrics)
 
-        def one(i: int) -> RequestStream:
-            return start_one(i, req.to_sampling(i, self.default_max_tokens))
-
-        return await start_run(one, req.n, adapter, self.in_flight, self.metrics)
+    def envelope(self, kind: Kind, req: _Sampled) -> Envelope:
+        return Envelope(kind, req.model, req.num_logprobs, self.token_text)
 
     def models(self) -> dict[str, Any]:
         card = {"object": "model", "created": self.created, "owned_by": "chameleon", "permission": []}
@@ -186,17 +189,16 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, auth: list[Any]) 
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest) -> Response:
-        adapter = server.adapter_for(req.model)
-        prompt = req.single_prompt()
-        run = await server.start(req, lambda i, sp: engine.generate(prompt, sp, adapter=adapter))
-        return await _respond(Envelope("completion", req.model), run, req.stream, req.include_usage)
+        server.adapter_for(req.model)  # 404 before any other check
+        run = server.start(req, req.single_prompt())
+        return await _respond(server.envelope("completion", req), run, req.stream, req.include_usage)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatCompletionRequest) -> Response:
-        adapter = server.adapter_for(req.model)
+        server.adapter_for(req.model)
         prompt = render_chat(engine.tokenizer, req.chat_messages(), req.chat_template)
-        run = await server.start(req, lambda i, sp: engine.generate(prompt, sp, adapter=adapter))
-        return await _respond(Envelope("chat", req.model), run, req.stream, req.include_usage)
+        run = server.start(req, prompt)
+        return await _respond(server.envelope("chat", req), run, req.stream, req.include_usage)
 
 
 def _add_admin_routes(app: FastAPI, server: OpenAIServer, auth: list[Any]) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from chameleon.errors import InvalidRequestError
-from chameleon.sampling_params import SamplingParams
+from chameleon.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
 
@@ -40,20 +40,27 @@ class _Sampled(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
 
-    def to_sampling(self, index: int, default_max_tokens: int) -> SamplingParams:
-        """The engine's parameters for choice `index`: choice i of n gets seed `seed + i`."""
-        seed = None if self.seed is None else self.seed + index
+    def to_sampling(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's parameters: the library runs the n choices (choice i samples with seed
+        `seed + i`) and computes `num_logprobs` per token when the request asks."""
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
-            seed=seed,
+            seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            n=self.n,
+            logprobs=self.num_logprobs,
         )
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token the response shows; None: no logprobs at all."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -63,6 +70,11 @@ class _Sampled(BaseModel):
 class CompletionRequest(_Sampled):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # legacy: top-k per token
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """One prompt (text or token ids); a batch of prompts is refused with a clear message."""
@@ -87,14 +99,26 @@ class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     chat_template: str | None = None  # vLLM extra
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict[str, Any]]:
         return [_flatten(m) for m in self.messages]
 
-    def to_sampling(self, index: int, default_max_tokens: int) -> SamplingParams:
+    def to_sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             default_max_tokens = self.max_completion_tokens
-        return super().to_sampling(index, default_max_tokens)
+        return super().to_sampling(default_max_tokens)
 
 
 class LoadLoRAAdapterRequest(BaseModel):
