@@ -106,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = workload(1.0, 1.0, 0, args.length_scale).adapters
         adapters = make_online_adapters(model, root / "adapters", [(a.name, a.rank) for a in specs], TARGETS)
         print(f"REAL engine · tiny Llama fp32 · {len(adapters)} PEFT adapters (ranks {RANKS} x {PER_RANK}) · "
-              f"Azure conv lengths x{args.length_scale:g} · budget {args.memory_mib} MiB · TTFT SLO {SLO_TTFT_S:g} s")  # fmt: skip
+              f"Azure conv lengths x{args.length_scale:g} · budget {args.memory_mib} MiB · TTFT SLO {SLO_TTFT_S:g} s · "
+              f"engine threads {args.threads}")  # fmt: skip
         print(f"host: {machine_line()}", flush=True)
         probe, extra = run_once(model, adapters, "slora", workload(args.probe_rate, 6.0, 99, args.length_scale), args)
         cap = probe.throughput_rps
