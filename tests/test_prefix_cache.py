@@ -61,7 +61,7 @@ def assert_idle(core: EngineCore) -> None:
 
 
 # Preempting configs: 30 KV blocks, and a budget with room for adapters next to them (a budget of
-# exactly the KV blocks leaves no idle bytes for a rank-16 adapter, which then waits forever).
+# exactly the KV blocks leaves no idle bytes for a rank-16 adapter: it is refused, AdapterMemoryError).
 CONFIGS = [
     {"block_size": 4},
     {"block_size": 4, "max_num_batched_tokens": 16},  # chunked prefill

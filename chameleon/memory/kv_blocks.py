@@ -47,6 +47,10 @@ class KVBlockManager:
     def num_in_use(self) -> int:
         return self.num_blocks - self.num_free
 
+    def peak_blocks(self, num_tokens: int) -> int:
+        """The most blocks a request of `num_tokens` tokens (prompt + output) ever holds at once."""
+        return blocks_for(num_tokens, self.block_size)
+
     def blocks_needed(self, request: Request, num_tokens: int) -> int:
         """Extra blocks `request` needs so that its first `num_tokens` tokens have slots."""
         return max(0, blocks_for(num_tokens, self.block_size) - len(request.block_table))
