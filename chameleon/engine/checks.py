@@ -76,13 +76,24 @@ def check_fits(request_id: str, prompt_len: int, sampling: SamplingParams | None
 
 
 def check_memory(
-    request_id: str, adapter: str | None, kv_blocks: int, adapter_rows: int, pinned_rows: int, memory: MemoryBudget
+    request_id: str,
+    adapter: str | None,
+    kv_blocks: int,
+    adapter_rows: int,
+    pinned_rows: int,
+    memory: MemoryBudget,
+    num_blocks: int,
 ) -> None:
-    """The request's KV at its peak (`kv_blocks`), its adapter's rows and the pinned adapters' rows
-    fit in the budget at once; otherwise it could never run, even alone, and would wait forever."""
+    """The request's KV at its peak (`kv_blocks`, at most the `num_blocks` of the KV cache), its
+    adapter's rows and the pinned adapters' rows fit in the budget at once; otherwise it could
+    never run, even alone, and would wait forever."""
     kv = kv_blocks * memory.kv_block_bytes
     rows = (adapter_rows + pinned_rows) * memory.adapter_row_bytes
     usable = memory.total_bytes - memory.reserve_bytes
+    if kv_blocks > num_blocks:
+        raise RequestMemoryError(
+            f"request {request_id!r} needs {kv_blocks} KV blocks at prompt + max_tokens; the KV cache has {num_blocks}"
+        )
     if kv + rows <= usable:
         return
     who = f"adapter {adapter!r} ({adapter_rows} rank rows)" if adapter is not None else "the base model"

@@ -97,7 +97,11 @@ class EngineCore(Generic[AdapterT]):
             adapter_row_bytes=executor.adapter_row_bytes,
         )
         self.blocks = KVBlockManager(
-            executor.num_kv_blocks, executor.block_size, self.memory, prefix_caching=config.enable_prefix_caching
+            executor.num_kv_blocks,
+            executor.block_size,
+            self.memory,
+            prefix_caching=config.enable_prefix_caching,
+            window=config.kv_window,
         )
         self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, config.adapter_cache)
         self.arrival_predictor = ArrivalPredictor() if config.adapter_arrival_prefetch else None
@@ -212,8 +216,10 @@ class EngineCore(Generic[AdapterT]):
         """`RequestMemoryError` if the request could never run, even alone, next to its adapter (`rows`
         rank rows; its registered size when `adapter` is known here) and the pinned adapters."""
         rows = self.adapter_cache.entries[adapter].rows if adapter in self.adapter_cache.entries else rows
-        peak = self.blocks.peak_blocks(prompt_len + (sampling.max_tokens if sampling else 1))
-        check_memory(request_id, adapter, peak, rows, self.adapter_cache.pinned_rows(adapter), self.memory)
+        chunk = None if self.scheduler.policy.whole_prompts else self.config.max_num_batched_tokens  # per step
+        peak = self.blocks.peak_blocks(prompt_len + (sampling.max_tokens if sampling else 1), chunk)
+        pinned = self.adapter_cache.pinned_rows(adapter)
+        check_memory(request_id, adapter, peak, rows, pinned, self.memory, self.blocks.num_blocks)
 
     def _seed(self, sampling: SamplingParams) -> int:
         # Unseeded requests still get their own seed, derived from the engine seed, so a whole
@@ -384,7 +390,8 @@ class EngineCore(Generic[AdapterT]):
         return outputs
 
     def _step_input(self, batch: SchedulerOutput) -> StepInput:
-        sequences = tuple(sequence_input(s) for s in batch.scheduled)
+        edges = self.blocks.window_edges
+        sequences = tuple(sequence_input(s, edges) for s in batch.scheduled)
         gone, self._gone = tuple(self._gone), []
         return StepInput(sequences, gone)
 

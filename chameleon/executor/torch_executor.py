@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
-from chameleon.executor.base import AdapterFault, SequenceInput, StepInput, StepOutput
+from chameleon.executor.base import AdapterFault, SequenceInput, StepInput, StepOutput, WindowView
 from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
@@ -208,6 +208,7 @@ class TorchExecutor:
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
+        windows: list[WindowView | None] = []
         samplers: list[SequenceInput] = []
         adapters = []
         # Rows of one adapter side by side: each adapter becomes one segment for the LoRA kernels.
@@ -220,14 +221,15 @@ class TorchExecutor:
             token_ids.extend(seq.token_ids)
             positions.extend(range(start, start + n))
             query_lens.append(n)
-            context_lens.append(start + n)
+            context_lens.append(seq.cached_tokens + n)  # positions stay the original ones (RoPE)
             tables.append(seq.block_table)
+            windows.append(seq.window)
             adapters.append(seq.adapter)
             if seq.sampling is not None:
                 sample_rows.append(len(token_ids) - 1)
                 samplers.append(seq)
         dev = self.device
-        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev)
+        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev, windows)
         hidden = self.model(
             torch.tensor(token_ids, device=dev),
             torch.tensor(positions, device=dev),

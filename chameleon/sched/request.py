@@ -49,6 +49,9 @@ class Request:
     block_keys: list[bytes] = attrs.field(factory=list)  # keys of its full blocks, memoized
     num_registered_blocks: int = 0  # leading blocks indexed in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its last admission
+    # Bounded-window KV (EngineConfig.kv_window): blocks dropped after the sink blocks. The block
+    # table then holds the sink blocks and the blocks from logical index sink + evicted on.
+    num_evicted_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

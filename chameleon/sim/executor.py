@@ -290,11 +290,13 @@ def batch_shape(step: StepInput, ranks: Mapping[str, int]) -> BatchShape:
     seqs = tokens = p_seqs = p_tokens = p_pairs = d_seqs = d_ctx = ctx = pairs = sampled = lora = 0
     adapters: dict[str, int] = {}
     for seq in step.sequences:
-        n, computed = len(seq.token_ids), seq.start_pos
+        # Keys read from the cache: a cached prefix counts (its tokens are not in token_ids), the
+        # tokens a bounded window evicted do not.
+        n, computed = len(seq.token_ids), seq.start_pos if seq.window is None else seq.cached_tokens
         seqs += 1
         tokens += n
         ctx += computed + n
-        if n == 1 and computed >= seq.num_prompt_tokens:  # decoding
+        if n == 1 and seq.start_pos >= seq.num_prompt_tokens:  # decoding
             d_seqs += 1
             d_ctx += computed + 1
             pairs += computed + 1
