@@ -17,7 +17,7 @@ from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
 from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
-from chameleon.model.kv_quant import KVCache, QuantDType, QuantizedKVCache, quant_bytes_per_token
+from chameleon.model.kv_quant import KVCache, QuantDType, QuantizedKVCache
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
 from chameleon.outputs import AdapterInfo
@@ -25,9 +25,7 @@ from chameleon.outputs import AdapterInfo
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
     """Device bytes of one token's K and V (all layers); quantized KV counts its scales too."""
-    if kv_cache_dtype != "auto":
-        return quant_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    return spec.geometry.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+    return spec.geometry.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), kv_cache_dtype)
 
 
 class TorchExecutor:

@@ -103,10 +103,14 @@ class SimulatedExecutor:
         adapter_pool_rows: int | None = None,
         reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        kv_cache_dtype: str = "auto",
     ) -> SimulatedExecutor:
+        """`kv_cache_dtype`: bytes per KV token as the real cache stores them (int8 / fp8: one byte
+        per value plus fp16 scales), so the same memory holds more blocks. Iteration costs stay
+        those of fp16 KV: the torch path dequantizes by gathering, it reads no fewer bytes."""
         cost = AnalyticCostModel(gpu, model, calibration, lora_targets=tuple(lora_targets))
         free = cost.memory(reserve_fraction=reserve_fraction).free_bytes
-        kv_block_bytes = model.kv_bytes_per_token * block_size
+        kv_block_bytes = model.geometry.kv_cache_bytes_per_token(model.dtype_bytes, kv_cache_dtype) * block_size
         row_bytes = cost.adapter_row_bytes
         return cls(
             cost,
