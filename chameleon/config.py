@@ -86,9 +86,10 @@ class EngineConfig:
     seed: int = attrs.field(default=0, validator=_seed)  # seeds requests that bring no seed of their own
     # torch intra-op threads on CPU.
     num_threads: int | None = attrs.field(default=None, validator=optional_positive_int)
-    # KV cache techniques (docs/kv_cache.md). Prefix caching shares full KV blocks by content
-    # (tokens, adapter content hash, KV dtype); kv_cache_dtype "int8"/"fp8_e4m3" stores KV quantized.
-    enable_prefix_caching: bool = attrs.field(default=False, validator=boolean)
+    # KV cache techniques (docs/kv_cache.md). Prefix caching (on by default) shares full KV blocks by
+    # content (tokens, adapter content hash, KV dtype, window); kv_cache_dtype "int8"/"fp8_e4m3"
+    # stores KV quantized.
+    enable_prefix_caching: bool = attrs.field(default=True, validator=boolean)
     kv_cache_dtype: KVCacheDType = attrs.field(default="auto", validator=one_of("auto", "int8", "fp8_e4m3"))
     # Bounded-window eviction (opt-in, an approximation): sinks + a recent window per sequence.
     kv_window: KVWindow | None = attrs.field(default=None, validator=_window)

@@ -76,7 +76,7 @@ def test_identical_with_and_without_prefix_caching(arch: str, kw: dict[str, Any]
     path = request.getfixturevalue(f"tiny_{arch}")
     adapters = request.getfixturevalue("tiny_adapters") if arch == "llama" else {}
     names: list[str | None] = [None, *adapters] if adapters else [None]
-    off = engine(path, adapters, **kw)
+    off = engine(path, adapters, enable_prefix_caching=False, **kw)
     work = shared_prefix_workload(off.limits.vocab_size, names)
     expected = run(off, work)
     on = engine(path, adapters, enable_prefix_caching=True, **kw)

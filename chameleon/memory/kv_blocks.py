@@ -94,16 +94,19 @@ class KVBlockManager:
         needed = self.blocks_needed(request, num_tokens)
         if needed > self.num_free or (self.budget is not None and not self.budget.kv_fits(needed)):
             return False
+        taken = 0  # cached blocks whose content is dropped
         for _ in range(needed):
             if self._free:
                 block = self._free.popleft()
-            else:  # the least recently used cached block: its content is dropped
+            else:  # the least recently used cached block
                 assert self.prefix is not None
                 block = self.prefix.evict_oldest()
-                self._add_cached(-1)
+                taken += 1
             request.block_table.append(block)
             if self.prefix is not None:
                 self.prefix.ref(block)
+        if taken:
+            self._add_cached(-taken)
         if self.budget is not None:
             self.budget.add_kv(needed)
         return True
@@ -116,20 +119,22 @@ class KVBlockManager:
         self._release(table)
 
     def _release(self, table: list[int]) -> None:
-        released, unheld = [], 0
+        released, unheld, parked = [], 0, 0
         for block in reversed(table):  # the tail first: it is the least likely to be shared
             if self.prefix is None:
                 released.append(block)
             elif self.prefix.unref(block):  # nobody else holds it
                 unheld += 1
                 if self.prefix.park(block):
-                    self._add_cached(1)
+                    parked += 1
                 else:
                     released.append(block)
         if self.prefix is None:
             unheld = len(table)
         if self.budget is not None:
-            self.budget.add_kv(-unheld)
+            self.budget.add_kv(-unheld)  # first: the parked blocks' bytes become idle memory
+        if parked:
+            self._add_cached(parked)
         # Freed blocks go to the front so recently used (cache-warm) memory is reused first.
         self._free.extendleft(released)
 
@@ -142,18 +147,17 @@ class KVBlockManager:
         or half-computed request)."""
         if self.prefix is None or request.block_table or request.num_computed_tokens or not request.prefix_sharing:
             return None
-        tokens = request.all_token_ids
         hits = []
-        for key in self._keys(request, tokens, (len(tokens) - 1) // self.block_size):
-            block = self.prefix.lookup(key)
+        for i in range((request.num_tokens - 1) // self.block_size):
+            block = self.prefix.lookup(self._key(request, i))  # keys past the first miss are never hashed here
             if block is None:
                 break
             hits.append(block)
-        for block in hits:
-            if self.prefix.ref(block):  # was idle in the LRU: cached -> in use
-                self._add_cached(-1)
-                if self.budget is not None:
-                    self.budget.add_kv(1)
+        revived = sum(self.prefix.ref(block) for block in hits)  # were idle in the LRU: cached -> in use
+        if revived:
+            self._add_cached(-revived)
+            if self.budget is not None:
+                self.budget.add_kv(revived)
         request.block_table = hits
         request.num_registered_blocks = len(hits)
         request.num_computed_tokens = hit = len(hits) * self.block_size
@@ -187,9 +191,8 @@ class KVBlockManager:
         full = min(request.num_computed_tokens // self.block_size, len(request.block_table) + evicted)
         if full <= request.num_registered_blocks:
             return
-        keys = self._keys(request, request.all_token_ids, full)
         for i in range(request.num_registered_blocks, full):  # blocks just filled: never evicted yet
-            self.prefix.register(request.block_table[i if i < self.sink_blocks else i - evicted], keys[i])
+            self.prefix.register(request.block_table[i if i < self.sink_blocks else i - evicted], self._key(request, i))
         request.num_registered_blocks = full
 
     def _slide(self, request: Request) -> None:
@@ -208,13 +211,15 @@ class KVBlockManager:
         self.window_evictions += n
         self._release(gone)  # shared (prefix-cached) blocks stay with their other holders
 
-    def _keys(self, request: Request, tokens: list[int], n: int) -> list[bytes]:
-        """Keys of the first `n` full blocks (memoized on the request: tokens never change)."""
+    def _key(self, request: Request, i: int) -> bytes:
+        """The key of full block `i` (memoized on the request: its tokens never change)."""
         keys, bs = request.block_keys, self.block_size
-        while len(keys) < n:
-            i = len(keys)
-            keys.append(block_key(keys[-1] if keys else b"", tokens[i * bs : (i + 1) * bs], request.prefix_salt))
-        return keys[:n]
+        while len(keys) <= i:
+            j, prompt = len(keys), request.prompt_token_ids
+            lo, hi, n = j * bs, (j + 1) * bs, len(prompt)
+            tokens = prompt[lo:hi] if hi <= n else prompt[lo:] + request.output_token_ids[max(0, lo - n) : hi - n]
+            keys.append(block_key(keys[-1] if keys else b"", tokens, request.prefix_salt))
+        return keys[i]
 
     def _add_cached(self, delta: int) -> None:
         if self.budget is not None:
