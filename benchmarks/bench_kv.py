@@ -113,8 +113,9 @@ def perplexity(core: EngineCore, ids: list[int], chunk: int = 16) -> float:
         n = len(piece)
         assert blocks.allocate(r, start + n)
         seq = sequence_input(ScheduledRequest(r, n), blocks.window_edges)
-        meta = build_attention_metadata([n], [seq.cached_tokens + n], [r.block_table], bs, torch.device("cpu"),
-                                        [seq.window])  # fmt: skip
+        meta = build_attention_metadata(
+            [n], [seq.cached_tokens + n], [r.block_table], bs, torch.device("cpu"), [seq.window]
+        )
         h = model(torch.tensor(piece), torch.arange(start, start + n), meta, ex.kv_caches, torch.arange(n), None)
         logp = model.logits(h).float().log_softmax(-1)
         target = torch.tensor(ids[start + 1 : start + n + 1])
@@ -144,8 +145,10 @@ def part_quant(args: argparse.Namespace) -> None:
         core = build_core(path, EngineConfig(dtype="float32", kv_cache_dtype=kv))
         got, _ = greedy(core, prompts, args.max_tokens)
         same, prefix, tokens = agreement(ref, got)
-        print(f"{kv:10} {core.blocks.num_blocks:7d} {same:4d}/{len(ref):<5d} {prefix:13.3f} {tokens:13.3f} "
-              f"{perplexity(core, ids):8.3f}")  # fmt: skip
+        print(
+            f"{kv:10} {core.blocks.num_blocks:7d} {same:4d}/{len(ref):<5d} {prefix:13.3f} {tokens:13.3f} "
+            f"{perplexity(core, ids):8.3f}"
+        )
 
 
 def part_window(args: argparse.Namespace) -> None:
@@ -157,9 +160,11 @@ def part_window(args: argparse.Namespace) -> None:
     ids = tok(license_text)["input_ids"][: args.ppl_tokens]
     t0 = time.perf_counter()
     ref, held_full = greedy(full, prompts, args.max_tokens)
-    print(f"{len(prompts)} prompts x {args.max_tokens} greedy tokens; perplexity over {len(ids)} tokens of "
-          f"{Path(sysconfig.get_paths()['stdlib'], 'LICENSE.txt')}; block size 16; full KV took "
-          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(
+        f"{len(prompts)} prompts x {args.max_tokens} greedy tokens; perplexity over {len(ids)} tokens of "
+        f"{Path(sysconfig.get_paths()['stdlib'], 'LICENSE.txt')}; block size 16; full KV took "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     head = f"{'kv_window':22} {'blocks/seq':>10} {'identical':>10} {'prefix agree':>13} {'tokens agree':>13} {'ppl':>8}"
     print(head)
     print(f"{'full KV':22} {held_full:10d} {'-':>10} {'-':>13} {'-':>13} {perplexity(full, ids):8.3f}")
@@ -170,7 +175,9 @@ def part_window(args: argparse.Namespace) -> None:
         got, held = greedy(core, prompts, args.max_tokens)
         same, prefix, tokens = agreement(ref, got)
         name = f"{window.sink_tokens} sinks + {window.recent_tokens}"
-        print(f"{name:22} {held:10d} {same:4d}/{len(ref):<5d} {prefix:13.3f} {tokens:13.3f} {perplexity(core, ids):8.3f}")
+        print(
+            f"{name:22} {held:10d} {same:4d}/{len(ref):<5d} {prefix:13.3f} {tokens:13.3f} {perplexity(core, ids):8.3f}"
+        )
 
 
 # --- prefix caching on the real engine ----------------------------------------------------------------
@@ -183,8 +190,13 @@ def chat_workload(args: argparse.Namespace, adapters: list[AdapterSpec], seed: i
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / args.rate, args.requests))
     requests = [
-        WorkloadRequest(f"chat-{i:03d}", float(arrivals[i]), args.system_len + int(rng.integers(32, 97)),
-                        args.output_len, adapters[i % len(adapters)].name)  # fmt: skip
+        WorkloadRequest(
+            f"chat-{i:03d}",
+            float(arrivals[i]),
+            args.system_len + int(rng.integers(32, 97)),
+            args.output_len,
+            adapters[i % len(adapters)].name,
+        )
         for i in range(args.requests)
     ]
     return with_system_prompts(Workload(requests, adapters, "chat"), args.system_len)
@@ -197,13 +209,22 @@ def make_adapters(path: Path, root: Path, n: int, rank: int) -> dict[str, Path]:
 
     spec = model_spec_from_config(load_hf_config(path))
     shapes = spec.geometry.module_shapes()
-    return {f"chat{i}-r{rank}": write_synthetic_peft_adapter(root / f"chat{i}", rank=rank, num_layers=spec.num_layers,
-                                                              module_shapes=shapes, targets=("q_proj", "v_proj"),
-                                                              seed=i)
-            for i in range(n)}  # fmt: skip
+    return {
+        f"chat{i}-r{rank}": write_synthetic_peft_adapter(
+            root / f"chat{i}",
+            rank=rank,
+            num_layers=spec.num_layers,
+            module_shapes=shapes,
+            targets=("q_proj", "v_proj"),
+            seed=i,
+        )
+        for i in range(n)
+    }
 
 
-def one_prefix_run(path: Path, adapters: dict[str, Path], workload: Workload, on: bool, args: argparse.Namespace) -> dict[str, float]:
+def one_prefix_run(
+    path: Path, adapters: dict[str, Path], workload: Workload, on: bool, args: argparse.Namespace
+) -> dict[str, float]:
     clock = MonotonicClock()
     config = EngineConfig(enable_prefix_caching=on, max_num_batched_tokens=args.chunk, num_threads=args.threads)
     core = build_core(path, config, clock=clock)
@@ -218,8 +239,14 @@ def one_prefix_run(path: Path, adapters: dict[str, Path], workload: Workload, on
     span = clock.now() - start
     s = summarize(records, slo_ttft_s=5.0, slo_tbt_s=0.15)
     tokens = sum(r.output_len for r in records)
-    return {"ttft_p50": s.ttft_p50_s, "ttft_p90": s.ttft_p90_s, "tok_s": tokens / span, "req_s": len(records) / span,
-            "hit": core.stats().prefix.hit_rate or 0.0, "prefill_tokens": sum(r.prompt_len for r in records)}  # fmt: skip
+    return {
+        "ttft_p50": s.ttft_p50_s,
+        "ttft_p90": s.ttft_p90_s,
+        "tok_s": tokens / span,
+        "req_s": len(records) / span,
+        "hit": core.stats().prefix.hit_rate or 0.0,
+        "prefill_tokens": sum(r.prompt_len for r in records),
+    }
 
 
 def part_prefix(args: argparse.Namespace) -> None:
@@ -228,25 +255,34 @@ def part_prefix(args: argparse.Namespace) -> None:
         adapters = make_adapters(path, Path(tmp), args.adapters, args.rank)
         workload = chat_workload(args, [AdapterSpec(n, args.rank) for n in adapters], args.seed)
         mean_prompt = statistics.mean(r.prompt_len for r in workload.requests)
-        print(f"{len(workload)} requests at {args.rate:g} req/s (Poisson), {len(adapters)} adapters (rank {args.rank}, "
-              f"q/v), system prompt {args.system_len} tokens per adapter, mean prompt {mean_prompt:.0f}, "
-              f"{args.output_len} output tokens, max_num_batched_tokens {args.chunk}")  # fmt: skip
+        print(
+            f"{len(workload)} requests at {args.rate:g} req/s (Poisson), {len(adapters)} adapters (rank {args.rank}, "
+            f"q/v), system prompt {args.system_len} tokens per adapter, mean prompt {mean_prompt:.0f}, "
+            f"{args.output_len} output tokens, max_num_batched_tokens {args.chunk}"
+        )
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for rep in range(args.reps):
             for on in (False, True) if rep % 2 == 0 else (True, False):  # interleaved, order alternating
                 r = one_prefix_run(path, adapters, workload, on, args)
                 runs[on].append(r)
-                print(f"  rep {rep} prefix {'on ' if on else 'off'}: TTFT p50 {r['ttft_p50'] * 1e3:.0f} ms, p90 "
-                      f"{r['ttft_p90'] * 1e3:.0f} ms, {r['tok_s']:.1f} tok/s, hit {r['hit']:.1%}", flush=True)
+                print(
+                    f"  rep {rep} prefix {'on ' if on else 'off'}: TTFT p50 {r['ttft_p50'] * 1e3:.0f} ms, p90 "
+                    f"{r['ttft_p90'] * 1e3:.0f} ms, {r['tok_s']:.1f} tok/s, hit {r['hit']:.1%}",
+                    flush=True,
+                )
     med = {on: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for on, rs in runs.items()}
     print(f"{'prefix caching':15} {'TTFT p50':>9} {'TTFT p90':>9} {'tok/s':>7} {'req/s':>6} {'prefix hit':>10}")
     for on in (False, True):
         m = med[on]
-        print(f"{'on' if on else 'off':15} {m['ttft_p50'] * 1e3:7.0f}ms {m['ttft_p90'] * 1e3:7.0f}ms {m['tok_s']:7.1f} "
-              f"{m['req_s']:6.2f} {m['hit']:10.1%}")  # fmt: skip
+        print(
+            f"{'on' if on else 'off':15} {m['ttft_p50'] * 1e3:7.0f}ms {m['ttft_p90'] * 1e3:7.0f}ms {m['tok_s']:7.1f} "
+            f"{m['req_s']:6.2f} {m['hit']:10.1%}"
+        )
     off, on_ = med[False], med[True]
-    print(f"ratio on/off: TTFT p50 {on_['ttft_p50'] / off['ttft_p50']:.2f}x, p90 {on_['ttft_p90'] / off['ttft_p90']:.2f}x, "
-          f"throughput {on_['tok_s'] / off['tok_s']:.2f}x (medians of {args.reps})")  # fmt: skip
+    print(
+        f"ratio on/off: TTFT p50 {on_['ttft_p50'] / off['ttft_p50']:.2f}x, p90 {on_['ttft_p90'] / off['ttft_p90']:.2f}x, "
+        f"throughput {on_['tok_s'] / off['tok_s']:.2f}x (medians of {args.reps})"
+    )
 
 
 # --- int8 KV: requests in flight and adapter hits, simulated ----------------------------------------
@@ -256,8 +292,10 @@ def part_inflight(args: argparse.Namespace) -> None:
     from chameleon.harness.bench_workload import InFlight
     from chameleon.sim.engine import build_sim_engine
 
-    print(f"SIMULATED · {args.gpu} · {args.sim_model} · paper workload (length scale {args.length_scale:g}, "
-          f"{args.duration:g} s, seeds {args.seeds}) · chameleon scheduler and cache")  # fmt: skip
+    print(
+        f"SIMULATED · {args.gpu} · {args.sim_model} · paper workload (length scale {args.length_scale:g}, "
+        f"{args.duration:g} s, seeds {args.seeds}) · chameleon scheduler and cache"
+    )
     head = f"{'rate':>5} {'kv':>5} {'KV blocks':>10} {'run mean':>9} {'run max':>8} {'adapter hit':>12} {'P99 TTFT':>9}"
     print(head)
     for rate in args.rates:
@@ -265,18 +303,30 @@ def part_inflight(args: argparse.Namespace) -> None:
             rows = []
             for seed in range(args.seeds):
                 w = paper_workload(rate=rate, duration_s=args.duration, seed=seed)
-                w = attrs.evolve(w, requests=[attrs.evolve(r, prompt_len=max(1, round(r.prompt_len * args.length_scale)),
-                                                           output_len=max(1, round(r.output_len * args.length_scale)))
-                                              for r in w.requests])  # fmt: skip
+                w = attrs.evolve(
+                    w,
+                    requests=[
+                        attrs.evolve(
+                            r,
+                            prompt_len=max(1, round(r.prompt_len * args.length_scale)),
+                            output_len=max(1, round(r.output_len * args.length_scale)),
+                        )
+                        for r in w.requests
+                    ],
+                )
                 config = EngineConfig(kv_cache_dtype=kv, seed=seed)  # type: ignore[arg-type]
                 core, clock = build_sim_engine(args.gpu, args.sim_model, config, adapters=w.adapters)
                 limit = core.limits.max_model_len
-                w = attrs.evolve(w, requests=[attrs.evolve(r, prompt_len=min(r.prompt_len, limit - 1)) for r in w.requests])
+                w = attrs.evolve(
+                    w, requests=[attrs.evolve(r, prompt_len=min(r.prompt_len, limit - 1)) for r in w.requests]
+                )
                 flight = InFlight(core)
                 records = run_workload(core, w, clock, on_step=flight)
                 st = core.stats()
                 s = summarize(records, slo_ttft_s=5.0, slo_tbt_s=0.15)
-                rows.append((st.kv.blocks_total, flight.mean or 0.0, flight.peak, st.adapters.hit_rate or 0.0, s.ttft_p99_s))
+                rows.append(
+                    (st.kv.blocks_total, flight.mean or 0.0, flight.peak, st.adapters.hit_rate or 0.0, s.ttft_p99_s)
+                )
             med = [statistics.median(col) for col in zip(*rows, strict=True)]
             print(f"{rate:5g} {kv:>5} {int(med[0]):10d} {med[1]:9.1f} {int(med[2]):8d} {med[3]:12.3f} {med[4]:8.2f}s")
 

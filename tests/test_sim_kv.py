@@ -157,3 +157,18 @@ def test_bench_reports_prefix_hits_blocks_and_requests_in_flight(tmp_path: Path)
     assert runs["off"]["mean_running"] > 0 and runs["off"]["max_running"] >= 1
     with pytest.raises(SystemExit):
         _args("--kv-cache-dtype", "int4")
+
+
+def test_kv_option_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chameleon.sim.profile import CostProfile, ProfileEngine
+
+    profile = CostProfile(
+        prefill_a_s=1e-3, prefill_b_s_per_token=5e-6, decode_c_s=1e-3, decode_d_s_per_seq=2e-4,
+        decode_e_s_per_ctx_token=1e-8, lora_s_per_token_rank=1e-8, load_Bps=2e9,
+        engine=ProfileEngine(4096, 16, 8192, 8192, 512, 512, 1000, 32, 2048),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="kv_cache_dtype"):  # a profile fixes the block size it measured
+        build_sim_engine(None, None, EngineConfig(kv_cache_dtype="int8"), profile=profile)
+    bad = ("--workload", "slora", "--adapters", "2", "--rates", "1", "--duration", "2", "--no-progress")
+    assert run_bench(_args(*bad, "--system-prompt-len", "-1")) == 2
+    assert "system prompt" in capsys.readouterr().err
