@@ -30,8 +30,8 @@ second after each request batch), and a run during which the hypervisor took mor
 CPU ("steal" in /proc/stat; this VM's host sometimes takes its cores for seconds) is redone, up to
 3 times; the report lists such runs.
 
-Fairness settings, the same for every engine: greedy, no prefix caching (vLLM's is switched off:
-ours has none, and the workloads repeat prompts), the same `max_num_seqs`, 2,048 batched tokens
+Fairness settings, the same for every engine: greedy, no prefix caching (switched off on both
+sides: the workloads repeat prompts), the same `max_num_seqs`, 2,048 batched tokens
 per step, LoRA slots above the number of adapters (vLLM CPU's known bug: with every `max_loras`
 slot full, no-adapter rows get the last slot's LoRA), LoRA only on the modules the adapters
 target (vLLM's `lora_target_modules`; without it vLLM wraps the 49k-vocab LM head too and runs
@@ -222,7 +222,8 @@ def vllm_engine_args(model: Path, dtype: str, *, max_loras: int, max_lora_rank: 
 
 def ours_offline_core(model: Path, adapters: dict[str, Path], dtype: str, max_num_seqs: int):  # type: ignore[no-untyped-def]
     core = build_core(model, EngineConfig(dtype=dtype, max_loras=len(adapters) + 1, max_lora_rank=16,
-                                          max_num_seqs=max_num_seqs, max_num_batched_tokens=MAX_BATCHED_TOKENS))
+                                          max_num_seqs=max_num_seqs, max_num_batched_tokens=MAX_BATCHED_TOKENS,
+                                          enable_prefix_caching=False))  # as the vLLM side runs
     for name, path in adapters.items():
         core.add_adapter(name, str(path))
     return core
@@ -497,7 +498,8 @@ def online(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 clock = MonotonicClock()
                 core = build_core(model, EngineConfig(dtype="float32", scheduler=sched, adapter_cache=cache,
                                                       max_loras=max_loras, max_lora_rank=64, max_num_seqs=128,
-                                                      max_num_batched_tokens=MAX_BATCHED_TOKENS), clock=clock)
+                                                      max_num_batched_tokens=MAX_BATCHED_TOKENS,
+                                                      enable_prefix_caching=False), clock=clock)
                 for name, path in adapters.items():
                     core.add_adapter(name, str(path))
                 warm_up(core)

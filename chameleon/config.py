@@ -31,6 +31,26 @@ def _options(inst: object, attribute: attrs.Attribute, value: object) -> None:  
         raise ConfigError(f"{type(inst).__name__}.{attribute.name} must be a SchedulerOptions, got {value!r}")
 
 
+def _window(inst: object, attribute: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+    if value is not None and not isinstance(value, KVWindow):
+        raise ConfigError(f"{type(inst).__name__}.{attribute.name} must be a KVWindow or None, got {value!r}")
+
+
+@attrs.frozen
+class KVWindow:
+    """Bounded-window KV (StreamingLLM's attention sinks + a recent window; docs/kv_cache.md).
+
+    Every query attends to the first `sink_tokens` tokens and to at least the `recent_tokens`
+    tokens before it; KV blocks wholly between the two are freed as the sequence grows, so a
+    sequence holds a bounded number of blocks however long it gets. Both edges are rounded out to
+    whole KV blocks (the sinks up, the window start down). An approximation: outputs differ from
+    full attention once a sequence outgrows the window. Tokens keep their original positions.
+    """
+
+    recent_tokens: int = attrs.field(validator=positive_int)
+    sink_tokens: int = attrs.field(default=4, validator=non_negative_int)  # StreamingLLM uses 4
+
+
 @attrs.frozen
 class EngineConfig:
     """How the engine runs. Defaults suit a laptop CPU; every field is checked here (ConfigError), not deep
@@ -66,10 +86,13 @@ class EngineConfig:
     seed: int = attrs.field(default=0, validator=_seed)  # seeds requests that bring no seed of their own
     # torch intra-op threads on CPU.
     num_threads: int | None = attrs.field(default=None, validator=optional_positive_int)
-    # KV cache techniques (docs/kv_cache.md). Prefix caching shares full KV blocks by content
-    # (tokens, adapter content hash, KV dtype); kv_cache_dtype "int8"/"fp8_e4m3" stores KV quantized.
-    enable_prefix_caching: bool = attrs.field(default=False, validator=boolean)
+    # KV cache techniques (docs/kv_cache.md). Prefix caching (on by default) shares full KV blocks by
+    # content (tokens, adapter content hash, KV dtype, window); kv_cache_dtype "int8"/"fp8_e4m3"
+    # stores KV quantized.
+    enable_prefix_caching: bool = attrs.field(default=True, validator=boolean)
     kv_cache_dtype: KVCacheDType = attrs.field(default="auto", validator=one_of("auto", "int8", "fp8_e4m3"))
+    # Bounded-window eviction (opt-in, an approximation): sinks + a recent window per sequence.
+    kv_window: KVWindow | None = attrs.field(default=None, validator=_window)
     # Unfinished requests (waiting + running) past which `generate()` raises EngineOverloadedError at once.
     max_queued_requests: int = attrs.field(default=4096, validator=positive_int)
 

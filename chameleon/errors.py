@@ -26,6 +26,11 @@ class PromptTooLongError(InvalidRequestError):
     """Prompt plus `max_tokens` cannot fit in `max_model_len`, or the KV cache could never hold it."""
 
 
+class RequestMemoryError(PromptTooLongError):
+    """The request's KV at its longest (prompt + `max_tokens`), next to its adapter's rows and the
+    pinned adapters', can never fit in the memory budget: it would wait forever, so it is refused."""
+
+
 class ChatTemplateError(InvalidRequestError):
     """Chat messages cannot be rendered: no tokenizer, no chat template, or the template failed."""
 

@@ -180,6 +180,8 @@ class AsyncEngine:
         self._check_adapter(adapter)
         self._check_load()
         prompt_ids = self.core.check_request(request_id, self._tokenize(prompt), sampling=sampling)  # type: ignore[arg-type]  # checked inside
+        rows = self._adapters[adapter].max_rank if adapter is not None else 0
+        self.core.check_memory(request_id, len(prompt_ids), sampling, adapter, rows)  # else it would wait forever
         send, receive = anyio.create_memory_object_stream[RequestOutput](float("inf"))
         token = next(_tokens)
         self._streams[request_id] = _Live(send, token, output_kind(sampling) == "cumulative", adapter)

@@ -13,7 +13,9 @@ from chameleon.errors import (
     AdapterQuarantinedError,
     InvalidRequestError,
     PromptTooLongError,
+    RequestMemoryError,
 )
+from chameleon.memory.budget import MemoryBudget
 from chameleon.outputs import AdapterInfo
 from chameleon.sampling_params import SamplingParams
 
@@ -71,6 +73,36 @@ def check_fits(request_id: str, prompt_len: int, sampling: SamplingParams | None
             f"request {request_id!r}: prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) "
             f"exceeds max_model_len ({max_model_len})"
         )
+
+
+def check_memory(
+    request_id: str,
+    adapter: str | None,
+    kv_blocks: int,
+    adapter_rows: int,
+    pinned_rows: int,
+    memory: MemoryBudget,
+    num_blocks: int,
+) -> None:
+    """The request's KV at its peak (`kv_blocks`, at most the `num_blocks` of the KV cache), its
+    adapter's rows and the pinned adapters' rows fit in the budget at once; otherwise it could
+    never run, even alone, and would wait forever."""
+    kv = kv_blocks * memory.kv_block_bytes
+    rows = (adapter_rows + pinned_rows) * memory.adapter_row_bytes
+    usable = memory.total_bytes - memory.reserve_bytes
+    if kv_blocks > num_blocks:
+        raise RequestMemoryError(
+            f"request {request_id!r} needs {kv_blocks} KV blocks at prompt + max_tokens; the KV cache has {num_blocks}"
+        )
+    if kv + rows <= usable:
+        return
+    who = f"adapter {adapter!r} ({adapter_rows} rank rows)" if adapter is not None else "the base model"
+    pinned = f" and {pinned_rows} rows of pinned adapters" if pinned_rows else ""
+    raise RequestMemoryError(
+        f"request {request_id!r} can never fit in device memory: its KV at prompt + max_tokens is {kv_blocks} "
+        f"blocks ({kv} bytes), next to {who}{pinned} ({rows} bytes), and the budget holds {usable} bytes after "
+        "the reserve; lower max_tokens or the prompt, or raise device_memory_bytes / num_kv_blocks"
+    )
 
 
 def output_kind(sampling: SamplingParams) -> str:

@@ -18,15 +18,16 @@ from chameleon.config import EngineConfig
 from chameleon.engine.checks import (
     check_adapter_usable,
     check_fits,
+    check_memory,
     check_request_id,
     output_kind,
     prompt_list,
-    try_load,
 )
 from chameleon.engine.core_adapters import CoreAdapters
 from chameleon.engine.emit import output, record_logprobs, record_prompt_logprobs, stop_reason
 from chameleon.engine.fanout import Fanout, Parent, child_id, child_sampling, ids_of
 from chameleon.engine.kv_stats import prefix_salt
+from chameleon.engine.moves import move_adapters, move_kv
 from chameleon.engine.sequence import sequence_input
 from chameleon.engine.stats import EngineStats, collect_stats
 from chameleon.engine.token_text import TokenText
@@ -99,11 +100,15 @@ class EngineCore(CoreAdapters[AdapterT]):
             adapter_row_bytes=executor.adapter_row_bytes,
         )
         self.blocks = KVBlockManager(
-            executor.num_kv_blocks, executor.block_size, self.memory, prefix_caching=config.enable_prefix_caching
+            executor.num_kv_blocks,
+            executor.block_size,
+            self.memory,
+            prefix_caching=config.enable_prefix_caching,
+            window=config.kv_window,
         )
         self.adapter_cache = AdapterCache(executor.adapter_pool_rows, self.memory, config.adapter_cache)
         self.arrival_predictor = ArrivalPredictor() if config.adapter_arrival_prefetch else None
-        self.adapter_load_critical_s = 0.0  # time the iteration waited for adapter copies
+        self.adapter_load_critical_s = 0.0
         self.adapters: dict[str, AdapterInfo] = {}
         self.scheduler = Scheduler(
             make_policy(config.scheduler, config.scheduler_options),
@@ -219,8 +224,9 @@ class EngineCore(CoreAdapters[AdapterT]):
         """Raise the typed error a request deserves, or return its prompt as a list.
 
         Checks types (ids are non-empty strings, prompts sequences of non-bool ints), the adapter
-        (registered, not quarantined), the vocabulary, and that prompt + `max_tokens` fits in
-        `max_model_len` (else `PromptTooLongError`).
+        (registered, not quarantined), the vocabulary, that prompt + `max_tokens` fits in
+        `max_model_len` (else `PromptTooLongError`) and, next to the adapter, in the memory budget
+        (else `RequestMemoryError`: it would wait forever).
         """
         check_request_id(request_id)
         if sampling is not None and not isinstance(sampling, SamplingParams):
@@ -232,7 +238,19 @@ class EngineCore(CoreAdapters[AdapterT]):
                 raise InvalidRequestError(f"request_id {rid!r}{child} is already in use")
         prompt = prompt_list(request_id, prompt_token_ids, self.limits.vocab_size)
         check_fits(request_id, len(prompt), sampling, self.limits.max_model_len)
+        self.check_memory(request_id, len(prompt), sampling, adapter)
         return prompt
+
+    def check_memory(
+        self, request_id: str, prompt_len: int, sampling: SamplingParams | None, adapter: str | None, rows: int = 0
+    ) -> None:
+        """`RequestMemoryError` if the request could never run, even alone, next to its adapter (`rows`
+        rank rows; its registered size when `adapter` is known here) and the pinned adapters."""
+        rows = self.adapter_cache.entries[adapter].rows if adapter in self.adapter_cache.entries else rows
+        chunk = None if self.scheduler.policy.whole_prompts else self.config.max_num_batched_tokens  # per step
+        peak = self.blocks.peak_blocks(prompt_len + (sampling.max_tokens if sampling else 1), chunk)
+        pinned = self.adapter_cache.pinned_rows(adapter)
+        check_memory(request_id, adapter, peak, rows, pinned, self.memory, self.blocks.num_blocks)
 
     def _seed(self, sampling: SamplingParams) -> int:
         # Unseeded requests still get their own seed, derived from the engine seed, so a whole
@@ -285,8 +303,10 @@ class EngineCore(CoreAdapters[AdapterT]):
             return self._schedule_failed(exc)
         outputs: list[RequestOutput] = []
         try:
-            self._move_kv(batch)
-            for name, reason in self._move_adapters(batch).items():
+            move_kv(self._executor, batch)
+            failed, critical_s = move_adapters(self._executor, batch, self.clock)
+            self.adapter_load_critical_s += critical_s  # time the iteration waited for adapter copies
+            for name, reason in failed.items():
                 outputs += self._quarantine(name, reason)
             if outputs:
                 batch = self._live(batch)
@@ -371,30 +391,10 @@ class EngineCore(CoreAdapters[AdapterT]):
         return outputs
 
     def _step_input(self, batch: SchedulerOutput) -> StepInput:
-        sequences = tuple(sequence_input(s) for s in batch.scheduled)
+        edges = self.blocks.window_edges
+        sequences = tuple(sequence_input(s, edges) for s in batch.scheduled)
         gone, self._gone = tuple(self._gone), []
         return StepInput(sequences, gone)
-
-    def _move_kv(self, batch: SchedulerOutput) -> None:
-        for swap in batch.swap_out:  # first: the blocks may belong to someone else this iteration
-            self._executor.swap_out(swap.request_id, swap.block_ids)
-        for request_id in batch.swap_drop:
-            self._executor.drop_swapped(request_id)
-        for swap in batch.swap_in:
-            self._executor.swap_in(swap.request_id, swap.block_ids)
-
-    def _move_adapters(self, batch: SchedulerOutput) -> dict[str, str]:
-        """Evict, load and prefetch; returns the adapters whose load failed, with the reason."""
-        for name in batch.adapter_evictions:
-            self._executor.evict_adapter(name)
-        failed: dict[str, str] = {}
-        start = self.clock.now()
-        for load in batch.adapter_loads:  # on the critical path: this batch needs them
-            try_load(self._executor.load_adapter, load.name, load.row, failed)
-        self.adapter_load_critical_s += self.clock.now() - start
-        for load in batch.adapter_prefetches:  # overlapped with this batch
-            try_load(self._executor.prefetch_adapter, load.name, load.row, failed)
-        return failed
 
     def _process(self, batch: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
         """Apply a step's tokens. A sampling request the executor gave no token fails alone."""

@@ -97,6 +97,21 @@ def resolve_kv_cache_dtype(name: str, device: torch.device) -> str:
     return name
 
 
+def _check_window(config: EngineConfig, num_blocks: int) -> None:
+    """The KV cache must hold one sequence's window at its peak (sinks + recent + one step's tokens)."""
+    from chameleon.memory.kv_blocks import KVBlockManager
+
+    assert config.kv_window is not None
+    peak = KVBlockManager(num_blocks, config.block_size, window=config.kv_window).peak_blocks(
+        1 << 40, config.max_num_batched_tokens
+    )
+    if peak > num_blocks:
+        raise ConfigError(
+            f"kv_window={config.kv_window} with max_num_batched_tokens={config.max_num_batched_tokens} needs up to "
+            f"{peak} KV blocks per sequence; the cache has {num_blocks}: raise the memory or shrink the window"
+        )
+
+
 def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, clock: Clock | None = None) -> EngineCore:
     path = Path(model_path)
     if not path.is_dir():
@@ -110,7 +125,9 @@ def build_core(model_path: str | os.PathLike[str], config: EngineConfig, *, cloc
     reserve = activation_reserve(config, spec, dtype)
     budget_bytes, blocks = memory_budget(config, spec, dtype, device, reserve)
     kv_tokens = blocks * config.block_size
-    if kv_tokens < max_len:
+    if config.kv_window is not None:  # a sequence holds a bounded number of blocks, however long
+        _check_window(config, blocks)
+    elif kv_tokens < max_len:
         if config.max_model_len is not None:
             raise ConfigError(
                 f"the KV cache holds {kv_tokens} tokens, fewer than max_model_len={max_len}: "

@@ -2,7 +2,7 @@
 
 The salt is everything besides the tokens that decides a block's KV: the adapter's *content*
 hash (so removing an adapter and registering other weights under the same name never hits the
-old blocks), the model dtype and the KV cache dtype. No torch here (the core imports this).
+old blocks), the model dtype, the KV cache dtype and the bounded window (sinks, recent tokens). No torch here (the core imports this).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def prefix_salt(adapter: AdapterInfo | None, config: EngineConfig) -> str:
         who = f"adapter:{adapter.content_hash}"
     else:  # no content hash (should not happen): the object identity, never the name alone
         who = f"adapter-object:{id(adapter)}:{adapter.name}"
-    return f"{who}|dtype={config.dtype}|kv={config.kv_cache_dtype}"
+    salt = f"{who}|dtype={config.dtype}|kv={config.kv_cache_dtype}"
+    w = config.kv_window  # a windowed block's KV saw only its window: another KV than full attention's
+    return salt if w is None else f"{salt}|window={w.sink_tokens},{w.recent_tokens}"
 
 
 def prefix_stats(blocks: KVBlockManager) -> PrefixCacheStats:

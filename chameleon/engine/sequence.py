@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from chameleon.executor.base import PromptLogprobsAsk, SequenceInput
+from chameleon.executor.base import PromptLogprobsAsk, SequenceInput, WindowView
 from chameleon.sched.request import Request
 from chameleon.sched.scheduler import ScheduledRequest
 
 
-def sequence_input(item: ScheduledRequest) -> SequenceInput:
-    """The executor's view of one scheduled request (no mutable scheduler state)."""
+def sequence_input(item: ScheduledRequest, window: tuple[int, int, int] | None = None) -> SequenceInput:
+    """The executor's view of one scheduled request (no mutable scheduler state). `window`:
+    `KVBlockManager.window_edges` (sink tokens, recent tokens, block size) under a bounded window."""
     r, n = item.request, item.num_new_tokens
     start = r.num_computed_tokens
+    view = None if window is None else WindowView(window[0], window[1], r.num_evicted_blocks * window[2], window[2])
     return SequenceInput(
         request_id=r.request_id,
         token_ids=_token_range(r.prompt_token_ids, r.output_token_ids, start, start + n),
@@ -21,6 +23,7 @@ def sequence_input(item: ScheduledRequest) -> SequenceInput:
         sampling=r.sampling if start + n == r.num_tokens else None,
         seed=r.seed,
         prompt_logprobs=_prompt_ask(r, start, n) if r.sampling.prompt_logprobs is not None else None,
+        window=view,
     )
 
 

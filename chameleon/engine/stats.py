@@ -28,6 +28,7 @@ class KVStats:
     blocks_total: int = 0
     swapped_out_bytes: int = 0
     swapped_in_bytes: int = 0
+    window_evicted_blocks: int = 0  # freed because they left a sequence's bounded window (kv_window)
 
 
 @attrs.frozen
@@ -106,6 +107,7 @@ def collect_stats(core: Any) -> EngineStats:
             blocks_total=core.blocks.num_blocks,
             swapped_out_bytes=mech.swapped_out_bytes,
             swapped_in_bytes=mech.swapped_in_bytes,
+            window_evicted_blocks=core.blocks.window_evictions,
         ),
         memory=MemoryStats(
             budget_bytes=mem.total_bytes, kv_bytes=mem.kv_bytes, adapter_bytes=mem.adapter_bytes, free_bytes=mem.free_bytes

@@ -49,18 +49,37 @@ class TokenLogprobs(NamedTuple):
     top_logprobs: tuple[float, ...]
 
 
+class WindowView(NamedTuple):
+    """A sequence under bounded-window KV (`EngineConfig.kv_window`, docs/kv_cache.md).
+
+    The cache holds its first `sink_tokens` tokens, then nothing for `evicted_tokens` tokens, then
+    the rest: the block table lists only the blocks held. A query at position p attends to the
+    sinks and to the tokens from `((p - recent_tokens) // block_size) * block_size` to p."""
+
+    sink_tokens: int  # block-aligned
+    recent_tokens: int
+    evicted_tokens: int  # whole blocks, right after the sinks
+    block_size: int
+
+
 class SequenceInput(NamedTuple):
     """What one sequence computes this step."""
 
     request_id: str
     token_ids: list[int]  # the tokens computed this step (a prefill chunk, or the last token)
-    start_pos: int  # position of token_ids[0]; also the tokens already in the KV cache
+    start_pos: int  # position of token_ids[0]; also the tokens computed before (see cached_tokens)
     num_prompt_tokens: int
     block_table: list[int]  # the request's KV blocks (read only)
     adapter: str | None
     sampling: SamplingParams | None  # set when this step ends at the sequence's last token
     seed: int  # the request's sampling seed (stable across preemptions)
     prompt_logprobs: PromptLogprobsAsk | None = None  # prompt tokens whose logprobs this step computes
+    window: WindowView | None = None  # bounded-window KV; None: the cache holds every token
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose K/V this step reads from the cache (`start_pos` less the evicted ones)."""
+        return self.start_pos - self.window.evicted_tokens if self.window is not None else self.start_pos
 
     @property
     def samples(self) -> bool:

@@ -11,14 +11,22 @@ from pathlib import Path
 import torch
 
 from chameleon.errors import AdapterLoadError, AdapterNotFoundError
-from chameleon.executor.base import AdapterFault, PromptLogprobsAsk, SequenceInput, StepInput, StepOutput, TokenLogprobs
+from chameleon.executor.base import (
+    AdapterFault,
+    PromptLogprobsAsk,
+    SequenceInput,
+    StepInput,
+    StepOutput,
+    TokenLogprobs,
+    WindowView,
+)
 from chameleon.executor.logprobs import head_rows, prompt_logprobs
 from chameleon.executor.sampler import sample_from_hidden
 from chameleon.lora.ops import Backend
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter, load_peft_adapter
 from chameleon.lora.pool import LoRAPool
 from chameleon.model.attention import build_attention_metadata
-from chameleon.model.kv_quant import KVCache, QuantDType, QuantizedKVCache, quant_bytes_per_token
+from chameleon.model.kv_quant import KVCache, QuantDType, QuantizedKVCache
 from chameleon.model.llama import LlamaModel, onednn_packing_supported
 from chameleon.model.spec import ModelSpec
 from chameleon.outputs import AdapterInfo
@@ -26,9 +34,7 @@ from chameleon.outputs import AdapterInfo
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
     """Device bytes of one token's K and V (all layers); quantized KV counts its scales too."""
-    if kv_cache_dtype != "auto":
-        return quant_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    return spec.geometry.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+    return spec.geometry.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), kv_cache_dtype)
 
 
 class TorchExecutor:
@@ -209,6 +215,7 @@ class TorchExecutor:
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
+        windows: list[WindowView | None] = []
         samplers: list[SequenceInput] = []
         asks: list[tuple[int, PromptLogprobsAsk]] = []  # prompt logprobs: (first row, what it asks)
         ask_ids: list[str] = []
@@ -226,14 +233,15 @@ class TorchExecutor:
             token_ids.extend(seq.token_ids)
             positions.extend(range(start, start + n))
             query_lens.append(n)
-            context_lens.append(start + n)
+            context_lens.append(seq.cached_tokens + n)  # positions stay the original ones (RoPE)
             tables.append(seq.block_table)
+            windows.append(seq.window)
             adapters.append(seq.adapter)
             if seq.sampling is not None:
                 sample_rows.append(len(token_ids) - 1)
                 samplers.append(seq)
         dev = self.device
-        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev)
+        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev, windows)
         rows, at_sample, at_prompt = head_rows(sample_rows, asks) if asks else (sample_rows, [], [])
         hidden = self.model(
             torch.tensor(token_ids, device=dev),

@@ -44,12 +44,19 @@ from chameleon.clock import Clock, MonotonicClock
 from chameleon.config import EngineConfig
 from chameleon.engine.core import EngineCore
 from chameleon.errors import ChameleonError
-from chameleon.harness.bench_workload import bind_adapters, clip_lengths, make_workload
+from chameleon.harness.bench_workload import (
+    InFlight,
+    add_kv_arguments,
+    bind_adapters,
+    clip_lengths,
+    kv_config_fields,
+    make_workload,
+)
 from chameleon.harness.driver import POLICIES, run_workload, warm_up
 from chameleon.harness.length_factor import PAPER, length_population, length_scale_arg, paper_length_scale
 from chameleon.harness.metrics import RequestRecord, RunSummary, summarize, throughput_at_slo
 from chameleon.harness.report import format_table, results_json, write_plots
-from chameleon.harness.workload import AdapterSpec, Workload, scale_lengths
+from chameleon.harness.workload import AdapterSpec, Workload, scale_lengths, with_system_prompts
 from chameleon.sched.options import SchedulerOptions
 from chameleon.sim.analytic import A40_LLAMA7B_CALIBRATION, LINKS, AnalyticCostModel
 from chameleon.sim.engine import build_sim_engine
@@ -165,6 +172,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, help="write results as JSON here")
     o.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_kv_arguments(parser)
     f = parser.add_argument_group("fleet (simulator)")
     f.add_argument("--replicas", type=int, default=1, help="simulate N replicas behind a router (sim only)")
     f.add_argument("--router", default="affinity", help="with --replicas: comma list of affinity, round-robin, lru")
@@ -209,7 +217,7 @@ def engine_config(args: argparse.Namespace, scheduler: str, cache: str, **fields
         seed=args.seed,
         scheduler_options=scheduler_options(args),
         **limits,
-        **fields,
+        **{**kv_config_fields(args), **fields},
     )
 
 
@@ -349,7 +357,8 @@ class Bench:
             w = scale_lengths(make_workload(self.args, rate), self.length_scale)
             limit = self.factory.max_model_len - 1
             max_prompt = min(self.args.max_prompt_len or limit, limit)
-            self._workloads[rate] = clip_lengths(w, max_prompt, self.args.max_output_len)
+            w = clip_lengths(w, max_prompt, self.args.max_output_len)
+            self._workloads[rate] = with_system_prompts(w, getattr(self.args, "system_prompt_len", 0))
         return self._workloads[rate]
 
     def run(self, policy: str, rate: float) -> RunResult:
@@ -371,7 +380,8 @@ class Bench:
                     m = core.memory
                     memory.append((t, m.kv_bytes, m.adapter_bytes, m.free_bytes))
 
-        records = run_workload(core, workload, clock, progress=self.bar, on_step=sample)
+        in_flight = InFlight(core, sample)
+        records = run_workload(core, workload, clock, progress=self.bar, on_step=in_flight)
         wall = time.perf_counter() - start
         stats = core.stats()
         lookups = stats.adapters.hits + stats.adapters.misses
@@ -385,6 +395,11 @@ class Bench:
             "adapter_evictions": stats.adapters.evictions,
             "num_preemptions": stats.requests.preemptions,
             "wall_s": wall,
+            "kv_blocks": stats.kv.blocks_total,
+            "mean_running": in_flight.mean,
+            "max_running": in_flight.peak,
+            "prefix_hit_rate": stats.prefix.hit_rate,
+            "prefix_hit_tokens": stats.prefix.hit_tokens,
         }
         sim_stats = getattr(core.executor, "stats", None)
         if sim_stats is not None and hasattr(sim_stats, "load_wait_s"):

@@ -185,6 +185,9 @@ def calibrate(
 
     say = log or (lambda _msg: None)
     config = config or EngineConfig(scheduler="fifo", adapter_cache="lru")
+    # Step costs per computed token: repeated probe prompts must not hit a prefix cache (the
+    # simulator runs the real block manager, so prefix reuse is modelled there, not in the costs).
+    config = attrs.evolve(config, enable_prefix_caching=False)
     core = build_core(model_dir, config, clock=MonotonicClock())
     warm_up(core)
     limits = core.limits

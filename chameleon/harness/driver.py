@@ -6,9 +6,12 @@ Every rule and its reason: `docs/workloads.md` (The open-loop driver).
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
+
+import numpy as np
 
 from chameleon.clock import Clock, ManualClock
 from chameleon.engine.core import EngineCore
@@ -18,7 +21,7 @@ from chameleon.harness.workload import Workload, WorkloadRequest
 from chameleon.outputs import RequestOutput
 from chameleon.sampling_params import SamplingParams
 
-__all__ = ["POLICIES", "PROMPT_TOKEN_ID", "Progress", "resolve_policy", "run_workload", "warm_up"]
+__all__ = ["POLICIES", "PROMPT_TOKEN_ID", "Progress", "prompt_tokens", "resolve_policy", "run_workload", "warm_up"]
 
 # name -> (scheduler, adapter_cache), as passed to `EngineCore`. SPEC §1/§3 and the paper's ablation:
 # `slora` is the baseline (FIFO, no idle cache); `chameleon-nocache` / `-nosched` take one idea away.
@@ -38,7 +41,24 @@ POLICIES: dict[str, tuple[str, str]] = {
     "fastserve": ("mlfq", "slora"),
 }
 
-PROMPT_TOKEN_ID = 1
+PROMPT_TOKEN_ID = 1  # the warm-up request's prompt token
+_FIRST_TOKEN_ID = 2  # workload prompts draw ids from [2, vocab): clear of the usual bos/eos ids 0 and 1
+
+
+def prompt_tokens(request: WorkloadRequest, vocab_size: int) -> list[int]:
+    """The token ids of a workload request's prompt: the shared prefix of its `prefix_id` (the same
+    ids for every request with that id), then ids of its own. Seeded by the ids, so a run is
+    reproducible and no two requests share a block by accident (with prefix caching on, identical
+    prompts would hit whatever the workload says)."""
+    top = max(vocab_size, _FIRST_TOKEN_ID + 1)
+    head = _ids(request.prefix_id, request.prefix_len, top) if request.prefix_id is not None else []
+    return head + _ids(request.request_id, request.prompt_len - len(head), top)
+
+
+def _ids(key: str, n: int, top: int) -> list[int]:
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    ids: list[int] = np.random.default_rng(seed).integers(_FIRST_TOKEN_ID, top, n).tolist()
+    return ids
 
 
 def resolve_policy(name: str, table: Mapping[str, tuple[str, str]] = POLICIES) -> tuple[str, str]:
@@ -175,7 +195,7 @@ def _submit(core: EngineCore, request: WorkloadRequest, t0: float, rec: _Recorde
     try:
         core.add_request(
             request.request_id,
-            [PROMPT_TOKEN_ID] * request.prompt_len,
+            prompt_tokens(request, core.limits.vocab_size),
             # the core refuses prompt + max_tokens past max_model_len; a trace's long outputs are cut
             # there, as the core used to cut them itself
             _sampling(min(request.output_len, core.limits.max_model_len - request.prompt_len)),

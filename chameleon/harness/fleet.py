@@ -17,7 +17,7 @@ import attrs
 
 from chameleon.clock import ManualClock
 from chameleon.engine.core import EngineCore
-from chameleon.harness.driver import PROMPT_TOKEN_ID
+from chameleon.harness.driver import prompt_tokens
 from chameleon.harness.metrics import RequestRecord
 from chameleon.harness.workload import Workload, WorkloadRequest
 from chameleon.outputs import RequestOutput
@@ -112,7 +112,11 @@ def run_fleet(replicas: Sequence[SimReplica], workload: Workload, router_name: s
 def _submit(rep: SimReplica, req: WorkloadRequest) -> None:
     sp = SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True, temperature=0.0)
     rep.core.add_request(
-        req.request_id, [PROMPT_TOKEN_ID] * req.prompt_len, sp, adapter=req.adapter, arrival_time=req.arrival_s
+        req.request_id,
+        prompt_tokens(req, rep.core.limits.vocab_size),
+        sp,
+        adapter=req.adapter,
+        arrival_time=req.arrival_s,
     )
     rep.in_flight[req.request_id] = req.adapter or ""
 

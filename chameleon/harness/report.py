@@ -60,6 +60,11 @@ def results_json(
                 "max_prompt_len": min(args.max_prompt_len or factory.max_model_len - 1, factory.max_model_len - 1),
                 "max_output_len": args.max_output_len,
                 "length_scale": bench.length_scale,
+                "system_prompt_len": getattr(args, "system_prompt_len", 0),
+            },
+            "kv": {
+                "prefix_caching": getattr(args, "prefix_caching", None),
+                "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
             },
             "slo": {"ttft_s": args.slo_ttft, "tbt_s": args.slo_tbt},
             "rates": list(rates),
@@ -98,19 +103,22 @@ def format_table(
 ) -> str:
     head = (
         f"{'policy':<20} {'rate':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'TBT p99ms':>8} "
-        f"{'thpt':>6} {'SLO%':>6} {'hit%':>6} {'queue%':>7}"
+        f"{'thpt':>6} {'SLO%':>6} {'hit%':>6} {'queue%':>7} {'pfx%':>6} {'run':>6}"
     )
     lines = [title, head, "-" * len(head)]
     for policy in policies:
         for rate in rates:
-            s = bench.results[(policy, rate)].summary
+            result = bench.results[(policy, rate)]
+            s, extra = result.summary, result.extra
             lines.append(
                 f"{policy:<20} {rate:>6g} {_sig(s.ttft_p50_s):>9} {_sig(s.ttft_p90_s):>8} {_sig(s.ttft_p99_s):>8} "
                 f"{_fmt(s.tbt_p99_s, 1e3, 0):>8} {_fmt(s.throughput_rps):>6} {_fmt(s.slo_attainment, 100, 1):>6} "
-                f"{_fmt(s.adapter_hit_rate, 100, 1):>6} {_fmt(s.queue_share, 100, 1):>7}"
+                f"{_fmt(s.adapter_hit_rate, 100, 1):>6} {_fmt(s.queue_share, 100, 1):>7} "
+                f"{_fmt(extra.get('prefix_hit_rate'), 100, 1):>6} {_fmt(extra.get('mean_running'), 1, 1):>6}"
             )
     lines.append(
-        "TTFT in seconds, TBT in ms, throughput in requests/s. Throughput at SLO (P99 TTFT <= SLO): "
+        "TTFT in seconds, TBT in ms, throughput in requests/s; hit%: adapter hits, pfx%: prompt tokens found in the "
+        "prefix cache, run: mean requests running per iteration. Throughput at SLO (P99 TTFT <= SLO): "
         + ", ".join(f"{p} {tput[p]:.2f} rps" for p in policies)
     )
     return "\n".join(lines)

@@ -30,6 +30,7 @@ __all__ = [
     "slora_adapters",
     "slora_workload",
     "trace_workload",
+    "with_system_prompts",
     "zipf_pmf",
 ]
 
@@ -50,6 +51,10 @@ class WorkloadRequest:
     prompt_len: int
     output_len: int  # tokens to generate (the "true" length; simulators and oracles use it)
     adapter: str | None  # None = base model
+    # A shared prefix (a chat system prompt): the first `prefix_len` prompt tokens are the same for
+    # every request with this `prefix_id` (the driver derives them from the id); the rest are its own.
+    prefix_id: str | None = None
+    prefix_len: int = 0
 
 
 @attrs.frozen
@@ -136,6 +141,8 @@ def _request_from_dict(d: dict[str, Any]) -> WorkloadRequest:
         prompt_len=int(d["prompt_len"]),
         output_len=int(d["output_len"]),
         adapter=d["adapter"],
+        prefix_id=d.get("prefix_id"),
+        prefix_len=int(d.get("prefix_len", 0)),
     )
 
 
@@ -151,6 +158,8 @@ def _check_workload(requests: tuple[WorkloadRequest, ...], adapters: tuple[Adapt
             raise ValueError(f"requests must be sorted by arrival (at {r.request_id})")
         if r.adapter is not None and r.adapter not in names:
             raise ValueError(f"request {r.request_id} uses unknown adapter {r.adapter!r}")
+        if not 0 <= r.prefix_len < r.prompt_len or (r.prefix_len > 0) != (r.prefix_id is not None):
+            raise ValueError(f"request {r.request_id}: a prefix needs an id and 0 < prefix_len < prompt_len")
         prev = r.arrival_s
 
 
@@ -329,6 +338,23 @@ def scale_lengths(workload: Workload, scale: float) -> Workload:
         for r in workload.requests
     ]
     return attrs.evolve(workload, requests=requests, description=workload.description + _scale_desc(scale))
+
+
+def with_system_prompts(workload: Workload, length: int) -> Workload:
+    """Chat-style sharing: every request starts with its adapter's system prompt of `length` tokens
+    (the base model's requests share one too). Prompt lengths are unchanged: the system prompt is
+    the first `min(length, prompt_len - 1)` tokens, so every request keeps at least one of its own."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"system prompt length must be an int >= 0, got {length!r}")
+    if length == 0:
+        return workload
+    requests = [
+        attrs.evolve(r, prefix_id=f"system:{r.adapter or '<base>'}", prefix_len=min(length, r.prompt_len - 1))
+        if r.prompt_len > 1
+        else r
+        for r in workload.requests
+    ]
+    return attrs.evolve(workload, requests=requests, description=f"{workload.description}, system_prompt_len={length}")
 
 
 def _scale_desc(scale: float) -> str:

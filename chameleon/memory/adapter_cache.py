@@ -142,6 +142,7 @@ class AdapterCache:
                 f"adapter {name!r} needs {rows} rank rows; the device pool has {self.rows.capacity}, "
                 f"{free} of them not held by pinned adapters"
             )
+        self._check_kv_room(f"adapter {name!r}", rows + self._pinned_rows())
         self.entries[name] = CacheEntry(name, rows)
 
     def unregister(self, name: str) -> None:
@@ -162,6 +163,7 @@ class AdapterCache:
                 raise AdapterMemoryError(
                     f"pinning {name!r} would leave {left} rank rows for the other adapters; one needs {largest}"
                 )
+            self._check_kv_room(f"pinning {name!r}", self._pinned_rows() + entry.rows + largest)
         entry.pinned = pinned
 
     def entry(self, name: str) -> CacheEntry:
@@ -366,4 +368,19 @@ class AdapterCache:
             self.stats.evictions += 1
 
     def _pinned_rows(self) -> int:
-        return sum(e.rows for e in self.entries.values() if e.pinned)
+        return self.pinned_rows()
+
+    def pinned_rows(self, exclude: str | None = None) -> int:
+        """Rank rows of the pinned adapters (but `exclude`): memory that never comes back to KV."""
+        return sum(e.rows for e in self.entries.values() if e.pinned and e.name != exclude)
+
+    def _check_kv_room(self, what: str, rows: int) -> None:
+        """`rows` resident at once must leave room for one KV block, or their requests wait forever."""
+        b = self.budget
+        usable = b.total_bytes - b.reserve_bytes
+        if rows * b.adapter_row_bytes + b.kv_block_bytes > usable:
+            raise AdapterMemoryError(
+                f"{what}: {rows} rank rows ({rows * b.adapter_row_bytes} bytes) would leave no room for one "
+                f"KV block ({b.kv_block_bytes} bytes) in the {usable}-byte budget (after the reserve); "
+                "raise device_memory_bytes or num_kv_blocks"
+            )

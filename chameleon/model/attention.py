@@ -82,6 +82,31 @@ def _decode_group(
                     causal=False, out_rows=rows, out_index=None)
 
 
+Window = tuple[int, int, int, int]  # (sink tokens, recent tokens, evicted tokens, block size): executor.base.WindowView
+_NO_WINDOW = (0, 1 << 40, 0, 1)
+
+
+def _window_mask(
+    windows: Sequence[Window | None], q_start: torch.Tensor, q_max: int, k_max: int
+) -> torch.Tensor | None:
+    """[B, Q, K] True where bounded-window KV lets query i see cached key j (compact indices: the
+    evicted tokens are not in the cache), or None when the windows hide nothing here.
+
+    Query i sits at position p = q_start + i; key j at position j, or j + evicted past the sinks.
+    The query sees the sinks and the keys from ((p - recent) // block) * block on: the blocks that
+    `KVBlockManager` keeps for a query at p, so a prefill chunk sees exactly what a decode would."""
+    if all(w is None for w in windows):
+        return None
+    sink, recent, evicted, block = (torch.tensor(col, dtype=torch.long)[:, None] for col in
+                                    zip(*(w or _NO_WINDOW for w in windows), strict=True))
+    p = (q_start[:, None] + evicted) + torch.arange(q_max)[None, :]  # [B, Q] positions
+    lo = torch.div(p - recent, block, rounding_mode="floor") * block  # [B, Q] first recent position
+    j = torch.arange(k_max)[None, :]
+    key_pos = j + evicted * (j >= sink)  # [B, K]
+    seen = (key_pos < sink)[:, None, :] | (key_pos[:, None, :] >= lo[:, :, None])
+    return None if bool(seen.all()) else seen
+
+
 def _prefill_group(
     idx: list[int],
     starts: list[int],
@@ -90,6 +115,7 @@ def _prefill_group(
     tables: torch.Tensor,
     block_size: int,
     device: torch.device,
+    windows: Sequence[Window | None],
 ) -> SeqGroup:
     b = len(idx)
     sel = torch.tensor(idx, dtype=torch.long)
@@ -102,9 +128,10 @@ def _prefill_group(
         k_max = int(c.max())
         j = torch.arange(k_max)
         kv_slots = (tables[sel][:, j // block_size] * block_size + j % block_size).view(-1).to(device)
+    windowed = _window_mask([windows[i] for i in idx], c - ql, q_max, k_max)
     if b == 1:
         rows = slice(starts[idx[0]], starts[idx[0]] + q_max)
-        if fresh:  # plain causal attention over this step's tokens
+        if fresh and windowed is None:  # plain causal attention over this step's tokens
             return SeqGroup(b=1, q=q_max, k=q_max, rows=rows, kv_slots=None, mask=None, causal=True,
                             out_rows=rows, out_index=None)
     qi = torch.arange(q_max)
@@ -112,6 +139,8 @@ def _prefill_group(
     q_pos = (c - ql)[:, None] + qi[None, :]  # query i of a sequence sits at position ctx - q_len + i
     j = torch.arange(k_max)
     mask = j[None, None, :] <= q_pos[:, :, None]  # causal; keys past a context are never <= q_pos
+    if windowed is not None:
+        mask &= windowed
     mask |= ~q_valid[:, :, None] & (j[None, None, :] == 0)  # padding rows see one key: no NaNs
     mask = mask[:, None].to(device)
     if b == 1:
@@ -139,10 +168,14 @@ def build_attention_metadata(
     block_tables: Sequence[Sequence[int]],
     block_size: int,
     device: torch.device,
+    windows: Sequence[Window | None] | None = None,
 ) -> AttentionMetadata:
     """Sequences are laid out back to back in the flat batch, in the order given.
 
-    `context_lens[i]` counts every token of sequence i whose K/V exists after this step's writes.
+    `context_lens[i]` counts every token of sequence i whose K/V is in the cache after this step's
+    writes (under a bounded window, `windows[i]`, the evicted tokens are not counted). A decode
+    attends to all of them (the block manager keeps exactly its window); a prefill chunk's later
+    queries are masked to their own windows.
     """
     n = len(query_lens)
     q_lens = torch.tensor(query_lens, dtype=torch.long)
@@ -167,7 +200,8 @@ def build_attention_metadata(
     if decode_idx:
         groups.append(_decode_group(decode_idx, starts, ctx, tables, block_size, device))
     if prefill_idx:
-        groups.append(_prefill_group(prefill_idx, starts, q_lens, ctx, tables, block_size, device))
+        groups.append(_prefill_group(prefill_idx, starts, q_lens, ctx, tables, block_size, device,
+                                     windows or [None] * n))
     return AttentionMetadata(slot_mapping.to(device), tuple(groups), num_tokens)
 
 

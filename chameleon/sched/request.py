@@ -54,6 +54,9 @@ class Request:
     logprobs: list[PositionLogprobs] = attrs.field(factory=list)  # one per output token
     prompt_logprobs: dict[int, PositionLogprobs] = attrs.field(factory=dict)  # prompt index -> entry
     prompt_logprobs_sent: bool = False
+    # Bounded-window KV (EngineConfig.kv_window): blocks dropped after the sink blocks. The block
+    # table then holds the sink blocks and the blocks from logical index sink + evicted on.
+    num_evicted_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

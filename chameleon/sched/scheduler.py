@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import attrs
 
 from chameleon.memory.adapter_cache import Acquired, AdapterCache
-from chameleon.memory.kv_blocks import KVBlockManager, blocks_for
+from chameleon.memory.kv_blocks import KVBlockManager
 from chameleon.sched.policy import AdmissionPolicy, Walk
 from chameleon.sched.request import Request, RequestStatus
 
@@ -256,7 +256,7 @@ class Scheduler:
             if acquired.load or acquired.prefetched:
                 self._pending.loads.append(acquired)
         if request.swapped:  # its KV comes back from host memory into the blocks just allocated
-            n = blocks_for(request.num_computed_tokens, self.blocks.block_size)
+            n = self.blocks.table_blocks(request, request.num_computed_tokens)
             self._pending.swap_in.append(KVSwap(request.request_id, tuple(request.block_table[:n])))
             self.stats.swapped_in_bytes += n * self._block_bytes()
             request.swapped = False
@@ -301,7 +301,7 @@ class Scheduler:
         it and recompute later (same tokens either way: sampling state is not in the KV)."""
         swap = self.policy.swap_preempted and request.num_computed_tokens > 0
         if swap:
-            n = blocks_for(request.num_computed_tokens, self.blocks.block_size)
+            n = self.blocks.table_blocks(request, request.num_computed_tokens)
             self._pending.swap_out.append(KVSwap(request.request_id, tuple(request.block_table[:n])))
             self.stats.swapped_out_bytes += n * self._block_bytes()
             request.swapped = True

@@ -43,8 +43,8 @@ def build_sim_engine(
 ) -> tuple[EngineCore[SyntheticAdapter], ManualClock]:
     """The real engine core over a simulated executor, with `adapters` registered (synthetic).
 
-    `config` is the same `EngineConfig` a real engine takes (scheduler, cache policy, limits, seed;
-    the device fields are ignored). With `profile`, the profiled engine's timings and sizes are
+    `config` is the same `EngineConfig` a real engine takes (scheduler, cache policy, limits, seed,
+    prefix caching, the KV dtype's bytes per token and the KV window; the device fields are ignored). With `profile`, the profiled engine's timings and sizes are
     used (`gpu`/`model` are ignored) and, without a config, its limits; otherwise the analytic
     model of `model` on `gpu`. `max_model_len` defaults to the model's context.
     """
@@ -54,6 +54,10 @@ def build_sim_engine(
         if e is None:
             raise ValueError("this cost profile records no engine shape (num_kv_blocks, ...): re-run calibrate")
         config = config or EngineConfig(max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens)
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(
+                "a cost profile fixes the KV block size it measured: kv_cache_dtype needs a GPU/model preset"
+            )
         executor = SimulatedExecutor.from_profile(profile, clock, adapter_pool_rows=adapter_pool_rows, seed=config.seed)
         limits = CoreLimits(max_model_len=config.max_model_len or e.max_model_len, vocab_size=e.vocab_size)
     else:
@@ -69,6 +73,7 @@ def build_sim_engine(
             block_size=config.block_size,
             adapter_pool_rows=adapter_pool_rows,
             reserve_fraction=reserve_fraction,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         max_len = min(config.max_model_len or m.max_model_len, executor.num_kv_blocks * config.block_size)
         limits = CoreLimits(max_model_len=max_len, vocab_size=m.vocab_size)

@@ -103,10 +103,14 @@ class SimulatedExecutor:
         adapter_pool_rows: int | None = None,
         reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        kv_cache_dtype: str = "auto",
     ) -> SimulatedExecutor:
+        """`kv_cache_dtype`: bytes per KV token as the real cache stores them (int8 / fp8: one byte
+        per value plus fp16 scales), so the same memory holds more blocks. Iteration costs stay
+        those of fp16 KV: the torch path dequantizes by gathering, it reads no fewer bytes."""
         cost = AnalyticCostModel(gpu, model, calibration, lora_targets=tuple(lora_targets))
         free = cost.memory(reserve_fraction=reserve_fraction).free_bytes
-        kv_block_bytes = model.kv_bytes_per_token * block_size
+        kv_block_bytes = model.geometry.kv_cache_bytes_per_token(model.dtype_bytes, kv_cache_dtype) * block_size
         row_bytes = cost.adapter_row_bytes
         return cls(
             cost,
@@ -290,11 +294,13 @@ def batch_shape(step: StepInput, ranks: Mapping[str, int]) -> BatchShape:
     seqs = tokens = p_seqs = p_tokens = p_pairs = d_seqs = d_ctx = ctx = pairs = sampled = lora = 0
     adapters: dict[str, int] = {}
     for seq in step.sequences:
-        n, computed = len(seq.token_ids), seq.start_pos
+        # Keys read from the cache: a cached prefix counts (its tokens are not in token_ids), the
+        # tokens a bounded window evicted do not.
+        n, computed = len(seq.token_ids), seq.start_pos if seq.window is None else seq.cached_tokens
         seqs += 1
         tokens += n
         ctx += computed + n
-        if n == 1 and computed >= seq.num_prompt_tokens:  # decoding
+        if n == 1 and seq.start_pos >= seq.num_prompt_tokens:  # decoding
             d_seqs += 1
             d_ctx += computed + 1
             pairs += computed + 1
