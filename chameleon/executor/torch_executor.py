@@ -227,7 +227,7 @@ class TorchExecutor:
                 sample_rows.append(len(token_ids) - 1)
                 samplers.append(seq)
         dev = self.device
-        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev)
+        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev, self.dtype)
         hidden = self.model(
             torch.tensor(token_ids, device=dev),
             torch.tensor(positions, device=dev),
