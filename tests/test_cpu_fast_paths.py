@@ -153,3 +153,16 @@ def test_grouped_lora_shrink_matches_per_module() -> None:
         batch.apply_group(0, group, x, ys)
         for y, e in zip(ys, expect, strict=True):
             torch.testing.assert_close(y, e)
+
+    # The hook is reused while the layout holds (decode steps), rebuilt when it changes.
+    assert pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch") is batch
+    assert batch.targets("q_proj") and batch.targets("gate_proj") and not batch.targets("o_proj")
+    assert pool.batch([None, "x", "y", "x"], [1, 1, 1, 1], "torch") is not batch  # other query lengths
+    again = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
+    assert again is not batch and again is not None
+    pool.load(adapter("x", 4, ("q_proj", "v_proj")), 12)  # x moves: its rows change
+    moved = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
+    assert moved is not again
+    pool.evict("y")
+    assert pool.batch([None, "x", None, "x"], [3, 2, 4, 1], "torch") is not moved
+    assert pool.batch([None, None], [3, 2], "torch") is None
