@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from chameleon.model.attention import build_attention_metadata, paged_attention
-from chameleon.model.llama import _first_max, padded_rows
+from chameleon.model.llama import padded_rows
+from chameleon.model.lm_head import PackedLMHead
 
 
 def _reference(q, k, v, k_cache, v_cache, query_lens, context_lens, tables, block_size, scale):  # type: ignore[no-untyped-def]
@@ -74,14 +75,25 @@ def test_paged_attention_matches_reference(dtype: torch.dtype, tol: float) -> No
         assert not out[t:].any()  # padding rows are zero
 
 
-def test_first_max_is_argmax_with_first_index_on_ties() -> None:
+def test_chunked_greedy_head_is_argmax_with_first_index_on_ties() -> None:
+    """Integer weights and inputs make exact ties everywhere: within a group, across groups of a
+    chunk, across chunks; and ragged last chunks (vocabularies not a multiple of the chunk or group)."""
+    from chameleon.model.llama import onednn_packing_supported
+
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        for rows in (1, 15, 16, 64):
-            y = torch.randint(0, 4, (rows, 1024)).to(dtype)  # many ties
-            val, idx = _first_max(y)
-            assert torch.equal(idx, y.argmax(-1))
-            assert torch.equal(val.to(dtype), y.max(-1).values)
+        if not onednn_packing_supported(dtype, torch.device("cpu")):
+            continue
+        for vocab, chunk in ((1000, 256), (4096, 1024), (300, 128), (130, 8192), (49152, 8192)):
+            w = torch.randint(-2, 3, (vocab, 32)).to(dtype)
+            head = PackedLMHead(w, chunk)
+            for rows in (1, 5, 40):
+                h = torch.randint(-1, 2, (rows, 32)).to(dtype)
+                logits = head.logits(h)
+                assert torch.equal(logits, torch.nn.functional.linear(h.float(), w.float()))
+                assert torch.equal(head.greedy(h), logits.argmax(-1)), (dtype, vocab, chunk, rows)
+    with pytest.raises(ValueError):
+        PackedLMHead(torch.zeros(256, 8), 100)  # not a multiple of the group
 
 
 def test_padded_rows_buckets() -> None:
@@ -141,3 +153,16 @@ def test_grouped_lora_shrink_matches_per_module() -> None:
         batch.apply_group(0, group, x, ys)
         for y, e in zip(ys, expect, strict=True):
             torch.testing.assert_close(y, e)
+
+    # The hook is reused while the layout holds (decode steps), rebuilt when it changes.
+    assert pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch") is batch
+    assert batch.targets("q_proj") and batch.targets("gate_proj") and not batch.targets("o_proj")
+    assert pool.batch([None, "x", "y", "x"], [1, 1, 1, 1], "torch") is not batch  # other query lengths
+    again = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
+    assert again is not batch and again is not None
+    pool.load(adapter("x", 4, ("q_proj", "v_proj")), 12)  # x moves: its rows change
+    moved = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
+    assert moved is not again
+    pool.evict("y")
+    assert pool.batch([None, "x", None, "x"], [3, 2, 4, 1], "torch") is not moved
+    assert pool.batch([None, None], [3, 2], "torch") is None

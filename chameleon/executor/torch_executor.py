@@ -241,7 +241,7 @@ class TorchExecutor:
                 sample_rows.append(len(token_ids) - 1)
                 samplers.append(seq)
         dev = self.device
-        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev, windows)
+        meta = build_attention_metadata(query_lens, context_lens, tables, self._block_size, dev, windows, self.dtype)
         rows, at_sample, at_prompt = head_rows(sample_rows, asks) if asks else (sample_rows, [], [])
         hidden = self.model(
             torch.tensor(token_ids, device=dev),
@@ -382,7 +382,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def configure_threads(num_threads: int | None) -> None:
+    """One intra-op thread per core this process may run on (its CPU affinity: a container or
+    `taskset` may grant fewer cores than the machine has), unless set or OMP_NUM_THREADS says."""
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, usable or 1))

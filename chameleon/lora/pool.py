@@ -32,6 +32,10 @@ class LoRAPool:
         self._b: list[dict[str, torch.Tensor]] = []
         self._a_groups: list[dict[tuple[str, ...], torch.Tensor]] = []  # group -> [rows, modules, in]
         self.resident: dict[str, tuple[int, LoRAAdapter]] = {}  # name -> (first row, adapter)
+        # The last batch's hook, reused while the next batch has the same layout (decode steps of
+        # an unchanged batch): key (adapters, query_lens, backend) and the residency it was built on.
+        self._last: tuple[tuple[object, ...], int, LoRABatch] | None = None
+        self._residency = 0  # bumped by every load and evict
 
     @property
     def bytes_per_row(self) -> int:
@@ -68,9 +72,11 @@ class LoRAPool:
             self._a[layer][module][row : row + w.rank].copy_(w.a, non_blocking=True)
             self._b[layer][module][row : row + w.rank].copy_(w.b_t, non_blocking=True)
         self.resident[adapter.name] = (row, adapter)
+        self._residency += 1
 
     def evict(self, name: str) -> None:
         self.resident.pop(name, None)
+        self._residency += 1
 
     def batch(
         self, adapters: Sequence[str | None], query_lens: Sequence[int], backend: Backend
@@ -80,6 +86,15 @@ class LoRAPool:
         Sequences sharing an adapter should be adjacent (the executor sorts them) so each adapter
         forms one segment; correctness does not depend on it.
         """
+        key = (tuple(adapters), tuple(query_lens), backend)
+        last = self._last
+        if last is not None and last[1] == self._residency and last[0] == key:
+            return last[2]  # the same segments as last step: nothing to rebuild or copy
+        hook = self._build(adapters, query_lens, backend)
+        self._last = (key, self._residency, hook) if hook is not None else None
+        return hook
+
+    def _build(self, adapters: Sequence[str | None], query_lens: Sequence[int], backend: Backend) -> LoRABatch | None:
         if all(a is None for a in adapters):
             return None
         runs: list[tuple[int, int, str]] = []  # (start, length, adapter) of consecutive rows
@@ -132,6 +147,9 @@ class LoRABatch:
     ) -> None:
         self._a, self._b, self._segments, self._backend = a, b, segments, backend
         self._a_groups, self._grouped = a_groups, grouped or {}
+
+    def targets(self, module: str) -> bool:
+        return module in self._segments
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         segs = self._segments.get(module)

@@ -7,7 +7,13 @@ On CPU the executor calls `pack_weights()`: every linear's weight is reordered o
 blocked layout and multiplied with `mkldnn._linear_pointwise` (2-4x faster than the MKL sgemm behind
 `F.linear` for these shapes, and what vLLM's CPU backend does too). The dense copies are then
 released, except the embedding table. Without packing (CUDA, tests that build a model by hand) every
-linear is a plain `F.linear`.
+linear is a plain `F.linear`. In fp32 the residual adds after o_proj and down_proj ride on the
+matmul as oneDNN's sum post-op (bitwise the same sum) unless a LoRA delta must land first. The LM
+head is `PackedLMHead` (model/lm_head.py): greedy rows never materialise their logits.
+
+Elementwise steps keep transformers' order of operations (bitwise fp32 parity) but not its
+temporaries: RMSNorm updates its statistics in place, q and k are rotated in one call without
+building rotate_half, SiLU·up multiplies in place.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 
 from chameleon.model.attention import AttentionMetadata, paged_attention
 from chameleon.model.kv_quant import KVCache
+from chameleon.model.lm_head import CHUNK_ROWS, PackedLMHead, pack
 from chameleon.model.spec import ModelSpec
 
 
@@ -33,6 +40,10 @@ class LoRAHook(Protocol):
         """`apply` for several modules that read the same x (may share one shrink)."""
         ...
 
+    def targets(self, module: str) -> bool:
+        """Whether any row of the batch gets a delta on `module` (else `apply` is a no-op for it)."""
+        ...
+
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -40,7 +51,6 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
-HEAD_CHUNK_ROWS = 8192  # vocabulary rows per LM-head chunk: [S, 8192] logits stay in cache
 
 
 def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -48,6 +58,8 @@ def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if not hasattr(torch.ops.mkldnn._linear_pointwise, "binary"):  # the fused residual add
         return False
     if dtype == torch.float32:
         return True
@@ -69,10 +81,6 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
     if packed is None:
         return F.linear(x, weight, bias)
@@ -80,17 +88,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 and cast back before the weight, as transformers does (bitwise parity).
+    # transformers' formula, op for op (bitwise parity): normalise in float32, cast back, then the
+    # weight. The temporaries are updated in place, so one [T, hidden] tensor is allocated (fp32).
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    inv = xf.pow(2).mean(-1, keepdim=True)
+    y = xf * inv.add_(eps).rsqrt_()
+    return (y if y.dtype == x.dtype else y.to(x.dtype)).mul_(weight)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D]."""
+    """x: [T, heads, D]; cos/sin: [T, D]. `x·cos + rotate_half(x)·sin`, bitwise, without building
+    rotate_half(x): its first half is -x₂ and (-x₂)·s = -(x₂·s) exactly, so that half is a subtraction.
+    The model rotates q and k (adjacent columns of the fused qkv) in one call."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = x * c
+    out[..., :half] -= x[..., half:] * s[..., :half]
+    out[..., half:] += x[..., :half] * s[..., half:]
+    return out
 
 
 class DecoderLayer(nn.Module):
@@ -112,7 +127,7 @@ class DecoderLayer(nn.Module):
     def pack_weights(self) -> None:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             param = getattr(self, name)
-            self.packed[name] = _pack(param)
+            self.packed[name] = pack(param)
             param.data = param.data.new_empty(0)  # the packed copy replaces it
 
     def forward(
@@ -133,26 +148,34 @@ class DecoderLayer(nn.Module):
         q_end, k_end = s.q_size, s.q_size + s.kv_size
         if lora is not None:
             lora.apply_group(i, QKV, real(x), (real(qkv[:, :q_end]), real(qkv[:, q_end:k_end]), real(qkv[:, k_end:])))
-        q = apply_rope(qkv[:, :q_end].view(-1, s.num_heads, s.head_dim), cos, sin)
-        k = apply_rope(qkv[:, q_end:k_end].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        # q and k side by side in qkv: one rotation for both heads' sets.
+        qk = apply_rope(qkv[:, :k_end].view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
+        q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         v = qkv[:, k_end:].view(-1, s.num_kv_heads, s.head_dim)
         attn = paged_attention(real(q), real(k), real(v), kv_cache[0], kv_cache[1], meta, s.head_dim**-0.5,
                                out_rows=h.shape[0])
-        o = linear(attn, self.o_proj, self.o_bias, p.get("o_proj"))
-        if lora is not None:
-            lora.apply(i, "o_proj", real(attn), real(o))
-        h = h + o
+        h = self._residual(h, attn, "o_proj", lora, n)
 
         x = rms_norm(h, self.post_attn_norm, s.rms_norm_eps)
         gate_up = linear(x, self.gate_up_proj, None, p.get("gate_up_proj"))
         inter = s.intermediate_size
         if lora is not None:
             lora.apply_group(i, GATE_UP, real(x), (real(gate_up[:, :inter]), real(gate_up[:, inter:])))
-        m = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        d = linear(m, self.down_proj, None, p.get("down_proj"))
-        if lora is not None:
-            lora.apply(i, "down_proj", real(m), real(d))
-        return h + d
+        m = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
+        return self._residual(h, m, "down_proj", lora, n)
+
+    def _residual(self, h: torch.Tensor, x: torch.Tensor, name: str, lora: LoRAHook | None, n: int) -> torch.Tensor:
+        """`h + name(x)` (the module's LoRA delta included). In fp32 with a packed weight and no delta
+        on this module the add is oneDNN's sum post-op, fused into the matmul: the same fp32 sum, bitwise."""
+        weight, bias = getattr(self, name), (self.o_bias if name == "o_proj" else None)
+        packed = self.packed.get(name)
+        if lora is None or not lora.targets(name):
+            if packed is not None and h.dtype == torch.float32:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, h, packed, bias, "add")
+            return h + linear(x, weight, bias, packed)
+        y = linear(x, weight, bias, packed)
+        lora.apply(self.index, name, x[:n], y[:n])
+        return h + y
 
 
 class LlamaModel(nn.Module):
@@ -172,21 +195,19 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", (emb.cos() * spec.rope_attention_scaling).to(dtype), persistent=False)
         self.register_buffer("rope_sin", (emb.sin() * spec.rope_attention_scaling).to(dtype), persistent=False)
 
-        # The LM head in vocabulary chunks (start row, oneDNN-packed rows) after pack_weights().
-        self.head_chunks: list[tuple[int, torch.Tensor]] = []
+        self.head: PackedLMHead | None = None  # the packed LM head, after pack_weights()
 
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
-    def pack_weights(self, head_chunk_rows: int = HEAD_CHUNK_ROWS) -> None:
+    def pack_weights(self, head_chunk_rows: int = CHUNK_ROWS) -> None:
         """Reorder every linear weight for oneDNN (see the module docstring). Idempotent."""
-        if self.head_chunks:
+        if self.head is not None:
             return
         for layer in self.layers:
             layer.pack_weights()  # type: ignore[operator]
-        head = self.head_weight
-        self.head_chunks = [(i, _pack(head[i : i + head_chunk_rows])) for i in range(0, head.shape[0], head_chunk_rows)]
+        self.head = PackedLMHead(self.head_weight, head_chunk_rows)
         if self.lm_head is not None:  # a tied head is the embedding table: that one stays dense
             self.lm_head.data = self.lm_head.data.new_empty(0)
 
@@ -200,7 +221,7 @@ class LlamaModel(nn.Module):
         sample_rows: torch.Tensor,  # [S] rows whose next token is needed
         lora: LoRAHook | None = None,
     ) -> torch.Tensor:  # [S, hidden]: final-normed hidden states, for `logits` / `greedy_tokens`
-        if self.head_chunks:  # packed: run the layers at a bucketed row count (see padded_rows)
+        if self.head is not None:  # packed: run the layers at a bucketed row count (see padded_rows)
             rows = padded_rows(input_ids.shape[0])
             input_ids = F.pad(input_ids, (0, rows - input_ids.shape[0]))
             positions = F.pad(positions, (0, rows - positions.shape[0]))
@@ -214,49 +235,14 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [S, vocab] float32
-        if not self.head_chunks:
+        if self.head is None:
             return F.linear(h, self.head_weight).float()
-        hp = _pad_rows(h, padded_rows(h.shape[0]))
-        return torch.cat([_head_chunk(hp, w) for _, w in self.head_chunks], dim=1)[: h.shape[0]].float()
+        return self.head.logits(_pad_rows(h, padded_rows(h.shape[0])))[: h.shape[0]]
 
     @torch.inference_mode()
     def greedy_tokens(self, h: torch.Tensor) -> torch.Tensor:  # [S] int64
-        """`logits(h).argmax(-1)` (ties: the lowest id), without materialising the logits: with a
-        packed head each vocabulary chunk is reduced while it is still in cache."""
-        if not self.head_chunks or h.shape[0] == 0:
+        """`logits(h).argmax(-1)` (ties: the lowest id); with a packed head the logits are never
+        materialised (model/lm_head.py)."""
+        if self.head is None or h.shape[0] == 0:
             return self.logits(h).argmax(-1)
-        n = h.shape[0]
-        h = _pad_rows(h, padded_rows(n))
-        best_val: torch.Tensor | None = None
-        best_idx = torch.zeros(h.shape[0], dtype=torch.long)
-        for start, w in self.head_chunks:
-            val, idx = _first_max(_head_chunk(h, w))
-            if best_val is None:
-                best_val, best_idx = val, idx
-                continue
-            better = val > best_val  # strictly: an equal value in a later chunk has a higher id
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx + start, best_idx)
-        return best_idx[:n]
-
-
-def _head_chunk(h: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "")
-
-
-def _first_max(y: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """`y.max(-1)` (value and *first* index of the maximum) for [S, V] logits.
-
-    torch's max-with-index over the last dim is not vectorised on CPU; for many fp32 rows it is
-    faster to take the vectorised `amax` of groups of `group` columns, pick the first group that
-    holds the maximum, and search only that group: the same value and the same (first) index.
-    Half-precision logits are widened to fp32 first (exactly): the value comes back as fp32."""
-    s, v = y.shape
-    if s < 16 or v % group:
-        return y.max(-1)
-    if y.dtype != torch.float32:
-        y = y.float()  # exact; and fp32 amax is vectorised where bf16's is not
-    grouped = y.view(s, v // group, group)
-    best, g = grouped.amax(-1).max(-1)  # first group whose maximum is the row's maximum
-    within = grouped.gather(1, g.view(s, 1, 1).expand(s, 1, group)).view(s, group).argmax(-1)
-    return best, g * group + within
+        return self.head.greedy(_pad_rows(h, padded_rows(h.shape[0])))[: h.shape[0]]
