@@ -38,11 +38,16 @@ def windowed(path: Path, window: KVWindow | None = W, adapters: dict[str, Path] 
 
 
 def held_per_step(core: EngineCore) -> list[int]:
-    """Blocks each sequence holds when its step runs (the peak: after allocation, before sliding)."""
+    """Blocks each sequence holds when its step runs (the peak: after allocation, before sliding).
+    Checks on every step that the block manager and the budget agree with the block tables."""
     seen: list[int] = []
 
     def observe(step: StepInput) -> None:
         seen.extend(len(s.block_table) for s in step.sequences)
+        held = {b for r in core.requests.values() for b in r.block_table}  # shared blocks count once
+        assert core.blocks.num_in_use == core.memory.kv_blocks == len(held)
+        for r in core.requests.values():
+            assert len(r.block_table) <= core.blocks.table_blocks(r, max(r.num_tokens, 1))
 
     core.observe_steps(observe)
     return seen
