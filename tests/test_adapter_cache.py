@@ -149,7 +149,8 @@ def drain(core: EngineCore) -> dict[str, list]:
 def check_invariants(core: EngineCore) -> None:
     m = core.memory
     assert m.kv_bytes + m.adapter_bytes + m.reserve_bytes <= m.total_bytes
-    assert m.kv_blocks == sum(len(r.block_table) for r in core.requests.values())
+    # Blocks in use, each once: with prefix caching (on by default) requests share full blocks.
+    assert m.kv_blocks == len({b for r in core.requests.values() for b in r.block_table})
     assert m.adapter_rows == sum(e.rows for e in core.adapter_cache.resident())
     for e in core.adapter_cache.entries.values():
         running = sum(1 for r in core.scheduler.running if r.adapter == e.name)
