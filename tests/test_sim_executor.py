@@ -325,7 +325,7 @@ def test_ten_minutes_at_10_rps_simulate_in_seconds() -> None:
     assert len(workload) == 6000
     core, clock = build_sim_engine("A40", "llama-7b", sim_config(adapter_cache="slora"), adapters=workload.adapters)
     # CPU time of this process, not wall time, and a bound that only an order-of-magnitude
-    # regression crosses: ~12 s on a quiet 2-core machine, 30 s under a load average of 5 (other
+    # regression crosses: under 30 s on a quiet CI machine (the old bound), 30.1 s at a load average of 5 (other
     # jobs share the caches). The speed itself is a benchmark's business (bench_scheduler.py).
     start = time.process_time()
     records = run_workload(core, workload, clock)
