@@ -276,7 +276,8 @@ def profile_ours(
     finally:
         timer.restore()
     step = timer.total["step (all)"]
-    print(f"profile, ours, {dtype}, mixed: {split['total']:.3f} s with timers; floor {floor_s:.3f} s")
+    print(f"profile, ours, {dtype}, mixed: {split['total']:.3f} s ({CLOCK.__name__}) with timers;"
+          f" floor {floor_s:.3f} s; components below: wall-clock timers")
     for _, _, label in labels:
         v = timer.total.get(label, 0.0)
         print(f"  {label:46} {v:8.3f} s {v / step:7.1%}")
