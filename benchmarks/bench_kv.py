@@ -16,9 +16,10 @@ a long generation (>= 10x the window), and perplexity over the first 1,024 token
 LICENSE.txt (a fixed text that ships with the interpreter); the blocks a sequence holds at most.
 
 prefix: the real engine, a chat-style workload (`with_system_prompts`: every adapter has its own
-system prompt, each request adds a user turn), open-loop Poisson arrivals through the harness
-driver, on a fresh engine per run with a warm-up request; prefix caching off / on interleaved,
-`--reps` times each; medians of the per-run TTFT median, P90, and of the throughput.
+system prompt, each request adds a user turn). A fresh engine per run (adapters resident, a
+warm-up request), then two phases: every request alone (TTFT without queueing: the prefill), then
+other user turns as one burst through the harness driver (throughput; TTFT with queueing).
+Prefix caching off / on interleaved, the order alternating, `--reps` times each; medians.
 
 inflight: what int8 KV does to requests in flight and the adapter hit rate, SIMULATED (A40,
 Llama-13B: weights leave ~17 GiB for KV and adapters, so memory binds): the paper's workload,
@@ -183,16 +184,16 @@ def part_window(args: argparse.Namespace) -> None:
 # --- prefix caching on the real engine ----------------------------------------------------------------
 
 
-def chat_workload(args: argparse.Namespace, adapters: list[AdapterSpec], seed: int) -> Workload:
-    """Poisson arrivals, adapters round robin, a user turn of 32-96 tokens after the system prompt."""
+def chat_workload(args: argparse.Namespace, adapters: list[AdapterSpec], tag: str, seed: int) -> Workload:
+    """Adapters round robin, a user turn of 32-96 tokens after each adapter's system prompt; all
+    requests arrive at once (the burst phase; the one-at-a-time phase ignores arrivals)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    arrivals = np.cumsum(rng.exponential(1.0 / args.rate, args.requests))
     requests = [
         WorkloadRequest(
-            f"chat-{i:03d}",
-            float(arrivals[i]),
+            f"{tag}-{i:03d}",
+            0.0,
             args.system_len + int(rng.integers(32, 97)),
             args.output_len,
             adapters[i % len(adapters)].name,
@@ -223,8 +224,13 @@ def make_adapters(path: Path, root: Path, n: int, rank: int) -> dict[str, Path]:
 
 
 def one_prefix_run(
-    path: Path, adapters: dict[str, Path], workload: Workload, on: bool, args: argparse.Namespace
+    path: Path, adapters: dict[str, Path], phases: tuple[Workload, Workload], on: bool, args: argparse.Namespace
 ) -> dict[str, float]:
+    """A fresh engine (adapters resident, warmed up), then: every request of `phases[0]` alone
+    (TTFT = its prefill, no queueing), then `phases[1]` (other user turns, same system prompts)
+    as one burst (throughput = output tokens / makespan)."""
+    from chameleon.harness.driver import prompt_tokens
+
     clock = MonotonicClock()
     config = EngineConfig(enable_prefix_caching=on, max_num_batched_tokens=args.chunk, num_threads=args.threads)
     core = build_core(path, config, clock=clock)
@@ -234,18 +240,30 @@ def one_prefix_run(
     while core.has_unfinished_requests():
         core.step()
     warm_up(core, prompt_len=args.system_len)
+    alone = []
+    for r in phases[0].requests:
+        core.add_request(
+            r.request_id,
+            prompt_tokens(r, core.limits.vocab_size),
+            SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0),
+            adapter=r.adapter,
+        )
+        start, first = clock.now(), None
+        while core.has_unfinished_requests():
+            if any(o.token_ids for o in core.step()) and first is None:
+                first = clock.now() - start
+        alone.append(first or 0.0)
     start = clock.now()
-    records = run_workload(core, workload, clock)
+    records = run_workload(core, phases[1], clock)
     span = clock.now() - start
-    s = summarize(records, slo_ttft_s=5.0, slo_tbt_s=0.15)
-    tokens = sum(r.output_len for r in records)
+    burst = summarize(records, slo_ttft_s=5.0, slo_tbt_s=0.15)
     return {
-        "ttft_p50": s.ttft_p50_s,
-        "ttft_p90": s.ttft_p90_s,
-        "tok_s": tokens / span,
+        "alone_p50": statistics.median(alone),
+        "alone_p90": sorted(alone)[int(0.9 * (len(alone) - 1))],
+        "burst_p50": burst.ttft_p50_s,
+        "tok_s": sum(r.output_len for r in records) / span,
         "req_s": len(records) / span,
         "hit": core.stats().prefix.hit_rate or 0.0,
-        "prefill_tokens": sum(r.prompt_len for r in records),
     }
 
 
@@ -253,35 +271,41 @@ def part_prefix(args: argparse.Namespace) -> None:
     path = _model(args)
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(path, Path(tmp), args.adapters, args.rank)
-        workload = chat_workload(args, [AdapterSpec(n, args.rank) for n in adapters], args.seed)
-        mean_prompt = statistics.mean(r.prompt_len for r in workload.requests)
+        specs = [AdapterSpec(n, args.rank) for n in adapters]
+        phases = (chat_workload(args, specs, "alone", args.seed), chat_workload(args, specs, "burst", args.seed + 1))
+        mean_prompt = statistics.mean(r.prompt_len for w in phases for r in w.requests)
         print(
-            f"{len(workload)} requests at {args.rate:g} req/s (Poisson), {len(adapters)} adapters (rank {args.rank}, "
-            f"q/v), system prompt {args.system_len} tokens per adapter, mean prompt {mean_prompt:.0f}, "
-            f"{args.output_len} output tokens, max_num_batched_tokens {args.chunk}"
+            f"{args.requests} requests alone, then {args.requests} others in one burst; {len(adapters)} adapters "
+            f"(rank {args.rank}, q/v), round robin; system prompt {args.system_len} tokens per adapter + a 32-96 "
+            f"token user turn (mean prompt {mean_prompt:.0f}); {args.output_len} output tokens; "
+            f"max_num_batched_tokens {args.chunk}; fp32; torch threads {args.threads or 'default'}"
         )
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for rep in range(args.reps):
             for on in (False, True) if rep % 2 == 0 else (True, False):  # interleaved, order alternating
-                r = one_prefix_run(path, adapters, workload, on, args)
+                r = one_prefix_run(path, adapters, phases, on, args)
                 runs[on].append(r)
                 print(
-                    f"  rep {rep} prefix {'on ' if on else 'off'}: TTFT p50 {r['ttft_p50'] * 1e3:.0f} ms, p90 "
-                    f"{r['ttft_p90'] * 1e3:.0f} ms, {r['tok_s']:.1f} tok/s, hit {r['hit']:.1%}",
+                    f"  rep {rep} prefix {'on ' if on else 'off'}: alone TTFT p50 {r['alone_p50'] * 1e3:.0f} ms, "
+                    f"burst TTFT p50 {r['burst_p50']:.2f} s, {r['tok_s']:.1f} tok/s, hit {r['hit']:.1%}",
                     flush=True,
                 )
     med = {on: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for on, rs in runs.items()}
-    print(f"{'prefix caching':15} {'TTFT p50':>9} {'TTFT p90':>9} {'tok/s':>7} {'req/s':>6} {'prefix hit':>10}")
+    print(
+        f"{'prefix caching':15} {'alone TTFT p50':>15} {'p90':>8} {'burst TTFT p50':>15} {'tok/s':>7} {'req/s':>6} "
+        f"{'prompt hit':>10}"
+    )
     for on in (False, True):
         m = med[on]
         print(
-            f"{'on' if on else 'off':15} {m['ttft_p50'] * 1e3:7.0f}ms {m['ttft_p90'] * 1e3:7.0f}ms {m['tok_s']:7.1f} "
-            f"{m['req_s']:6.2f} {m['hit']:10.1%}"
+            f"{'on' if on else 'off':15} {m['alone_p50'] * 1e3:13.0f}ms {m['alone_p90'] * 1e3:6.0f}ms "
+            f"{m['burst_p50']:14.2f}s {m['tok_s']:7.1f} {m['req_s']:6.2f} {m['hit']:10.1%}"
         )
     off, on_ = med[False], med[True]
     print(
-        f"ratio on/off: TTFT p50 {on_['ttft_p50'] / off['ttft_p50']:.2f}x, p90 {on_['ttft_p90'] / off['ttft_p90']:.2f}x, "
-        f"throughput {on_['tok_s'] / off['tok_s']:.2f}x (medians of {args.reps})"
+        f"on/off, medians of {args.reps}: alone TTFT p50 {on_['alone_p50'] / off['alone_p50']:.2f}x, "
+        f"p90 {on_['alone_p90'] / off['alone_p90']:.2f}x; burst TTFT p50 {on_['burst_p50'] / off['burst_p50']:.2f}x; "
+        f"throughput {on_['tok_s'] / off['tok_s']:.2f}x"
     )
 
 
@@ -344,7 +368,6 @@ def main() -> None:
     p = sub.add_parser("prefix")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--requests", type=int, default=24)
-    p.add_argument("--rate", type=float, default=1.0)
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--system-len", type=int, default=384)

@@ -92,6 +92,8 @@ class KVBlockManager:
         """Grow the block table to cover `num_tokens`; all or nothing. Free blocks go first, then
         the least recently used cached ones (their content is dropped)."""
         needed = self.blocks_needed(request, num_tokens)
+        if needed == 0:  # most decode steps: the last block has room
+            return True
         if needed > self.num_free or (self.budget is not None and not self.budget.kv_fits(needed)):
             return False
         taken = 0  # cached blocks whose content is dropped
