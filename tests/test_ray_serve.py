@@ -3,7 +3,7 @@
 One module-scoped Serve application (2 replicas, `num_cpus=2`) over the tiny Llama with adapter
 `a8` registered at startup and `b16` loadable from the adapter root. Checks the greedy output
 against a single `AsyncEngine`, that requests for one adapter stay on the replica holding it
-(`x-chameleon-replica`), that a hot adapter spreads to the other replica, that an adapter loaded
+(`x-chameleon-replica`), that a hot adapter spreads to the other replica while all its streams run at once, that an adapter loaded
 over HTTP reaches both replicas, per-replica /metrics, and that killing a replica's actor
 mid-stream ends the stream with a typed error while later requests succeed.
 """
@@ -124,13 +124,24 @@ def test_output_matches_single_engine(url: str, library_text: dict[str, str]) ->
         assert r.headers[REPLICA_HEADER]
 
 
-def test_hot_adapter_spreads(url: str) -> None:
+def test_hot_adapter_spreads_and_the_fleet_admits_every_request(url: str) -> None:
+    # 12 streams of 400 tokens: all of them must be generating at once (the ingress once admitted
+    # only Ray's default of 5, so the 6th stream's first token waited for the 1st to finish), and
+    # the hot adapter must spread to the second replica.
     replicas: list[str] = []
+    first_token: list[float] = []
+    finished: list[float] = []
+    body = {"model": "a8", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
 
     def one() -> None:
-        r = complete(url, "a8", max_tokens=400)
-        assert r.status_code == 200, r.text
-        replicas.append(r.headers[REPLICA_HEADER])
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            replicas.append(r.headers[REPLICA_HEADER])
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            first_token.append(time.monotonic())
+            assert "[DONE]" in "\n".join(lines)
+        finished.append(time.monotonic())
 
     threads = [threading.Thread(target=one) for _ in range(12)]
     for t in threads:
@@ -138,7 +149,9 @@ def test_hot_adapter_spreads(url: str) -> None:
         time.sleep(0.05)
     for t in threads:
         t.join(timeout=300)
-    assert len(replicas) == 12 and len(set(replicas)) == 2
+    assert len(finished) == 12
+    assert max(first_token) < min(finished)
+    assert len(set(replicas)) == 2
 
 
 def test_loaded_adapter_reaches_every_replica_and_metrics(url: str, adapters: dict[str, Path]) -> None:

@@ -397,7 +397,13 @@ def build_deployment(
             request_routing_stats_timeout_s=5.0,  # type: ignore[arg-type]
         ),
     )
-    ingress = serve.deployment(Ingress, name="ChameleonIngress", ray_actor_options={"num_cpus": 0})
+    # The ingress only forwards: it must admit what every replica can (Ray's default is 5 in all).
+    ingress = serve.deployment(
+        Ingress,
+        name="ChameleonIngress",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=replicas * max_ongoing_requests,
+    )
     apps = {"served_model_name": served_model_name, **(app_kwargs or {})}
     return ingress.bind(engine.bind(  # type: ignore[attr-defined]  # serve.deployment returns a Deployment here
         model, dict(engine_kwargs or {}), apps), served_model_name)
