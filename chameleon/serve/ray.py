@@ -405,8 +405,12 @@ def build_deployment(
         max_ongoing_requests=replicas * max_ongoing_requests,
     )
     apps = {"served_model_name": served_model_name, **(app_kwargs or {})}
-    return ingress.bind(engine.bind(  # type: ignore[attr-defined]  # serve.deployment returns a Deployment here
-        model, dict(engine_kwargs or {}), apps), served_model_name)
+    return ingress.bind(
+        engine.bind(  # type: ignore[attr-defined]  # serve.deployment returns a Deployment here
+            model, dict(engine_kwargs or {}), apps
+        ),
+        served_model_name,
+    )
 
 
 def run_ray_serve(args: Any) -> int:
