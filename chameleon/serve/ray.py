@@ -405,12 +405,9 @@ def build_deployment(
         max_ongoing_requests=replicas * max_ongoing_requests,
     )
     apps = {"served_model_name": served_model_name, **(app_kwargs or {})}
-    return ingress.bind(
-        engine.bind(  # type: ignore[attr-defined]  # serve.deployment returns a Deployment here
-            model, dict(engine_kwargs or {}), apps
-        ),
-        served_model_name,
-    )
+    # serve.deployment returns a Deployment here; Ray's stubs type it as a decorator too.
+    replica = engine.bind(model, dict(engine_kwargs or {}), apps)  # type: ignore[attr-defined]
+    return ingress.bind(replica, served_model_name)  # type: ignore[attr-defined]
 
 
 def run_ray_serve(args: Any) -> int:
