@@ -89,7 +89,7 @@ def check_memory(
     never run, even alone, and would wait forever."""
     kv = kv_blocks * memory.kv_block_bytes
     rows = (adapter_rows + pinned_rows) * memory.adapter_row_bytes
-    usable = memory.total_bytes - memory.reserve_bytes
+    usable = memory.usable_bytes
     if kv_blocks > num_blocks:
         raise RequestMemoryError(
             f"request {request_id!r} needs {kv_blocks} KV blocks at prompt + max_tokens; the KV cache has {num_blocks}"

@@ -136,13 +136,13 @@ class AdapterCache:
     # --- registration ------------------------------------------------------------------------
 
     def register(self, name: str, rows: int) -> None:
-        free = self.rows.capacity - self._pinned_rows()
+        free = self.rows.capacity - self.pinned_rows()
         if rows > free:
             raise AdapterMemoryError(
                 f"adapter {name!r} needs {rows} rank rows; the device pool has {self.rows.capacity}, "
                 f"{free} of them not held by pinned adapters"
             )
-        self._check_kv_room(f"adapter {name!r}", rows + self._pinned_rows())
+        self._check_kv_room(f"adapter {name!r}", rows + self.pinned_rows())
         self.entries[name] = CacheEntry(name, rows)
 
     def unregister(self, name: str) -> None:
@@ -157,13 +157,13 @@ class AdapterCache:
         room to ever load is refused, since requests for it would wait forever."""
         entry = self.entry(name)
         if pinned and not entry.pinned:
-            left = self.rows.capacity - self._pinned_rows() - entry.rows
+            left = self.rows.capacity - self.pinned_rows() - entry.rows
             largest = max((e.rows for e in self.entries.values() if not e.pinned and e is not entry), default=0)
             if largest > left:
                 raise AdapterMemoryError(
                     f"pinning {name!r} would leave {left} rank rows for the other adapters; one needs {largest}"
                 )
-            self._check_kv_room(f"pinning {name!r}", self._pinned_rows() + entry.rows + largest)
+            self._check_kv_room(f"pinning {name!r}", self.pinned_rows() + entry.rows + largest)
         entry.pinned = pinned
 
     def entry(self, name: str) -> CacheEntry:
@@ -367,9 +367,6 @@ class AdapterCache:
             entry.prefetched = False
             self.stats.evictions += 1
 
-    def _pinned_rows(self) -> int:
-        return self.pinned_rows()
-
     def pinned_rows(self, exclude: str | None = None) -> int:
         """Rank rows of the pinned adapters (but `exclude`): memory that never comes back to KV."""
         return sum(e.rows for e in self.entries.values() if e.pinned and e.name != exclude)
@@ -377,7 +374,7 @@ class AdapterCache:
     def _check_kv_room(self, what: str, rows: int) -> None:
         """`rows` resident at once must leave room for one KV block, or their requests wait forever."""
         b = self.budget
-        usable = b.total_bytes - b.reserve_bytes
+        usable = b.usable_bytes
         if rows * b.adapter_row_bytes + b.kv_block_bytes > usable:
             raise AdapterMemoryError(
                 f"{what}: {rows} rank rows ({rows * b.adapter_row_bytes} bytes) would leave no room for one "

@@ -54,9 +54,14 @@ class MemoryBudget:
         return self.cached_kv_blocks * self.kv_block_bytes
 
     @property
+    def usable_bytes(self) -> int:
+        """What KV and adapters may share: the budget less the activation reserve."""
+        return self.total_bytes - self.reserve_bytes
+
+    @property
     def free_bytes(self) -> int:
         """Idle bytes, cached prefix blocks included (they are reclaimable at any time)."""
-        return self.total_bytes - self.reserve_bytes - self.kv_bytes - self.adapter_bytes
+        return self.usable_bytes - self.kv_bytes - self.adapter_bytes
 
     def kv_fits(self, blocks: int) -> bool:
         return blocks * self.kv_block_bytes <= self.free_bytes
