@@ -7,16 +7,15 @@ from typing import Literal
 import attrs
 
 from chameleon.errors import ConfigError
+from chameleon.sched import SCHEDULERS, SchedulerName
 from chameleon.sched.options import SchedulerOptions
 from chameleon.validate import boolean, non_negative_int, one_of, optional_positive_int, positive_int
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoRABackend = Literal["auto", "torch", "triton"]
-SchedulerName = Literal["chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper", "chameleon-noslo"]
 KVCacheDType = Literal["auto", "int8", "fp8_e4m3"]
 AdapterCacheName = Literal["chameleon", "lru", "slora", "fairshare"]
-_SCHEDULERS = ("chameleon", "fifo", "sjf", "mlfq", "slora-exact", "chameleon-static", "chameleon-k4", "chameleon-paper", "chameleon-noslo")
 
 _MiB = 1 << 20
 
@@ -70,7 +69,7 @@ class EngineConfig:
     num_kv_blocks: int | None = attrs.field(default=None, validator=optional_positive_int)
     max_num_seqs: int = attrs.field(default=128, validator=positive_int)
     max_num_batched_tokens: int = attrs.field(default=2048, validator=positive_int)
-    scheduler: SchedulerName = attrs.field(default="chameleon", validator=one_of(*_SCHEDULERS))
+    scheduler: SchedulerName = attrs.field(default="chameleon", validator=one_of(*SCHEDULERS))
     scheduler_options: SchedulerOptions = attrs.field(factory=SchedulerOptions, validator=_options)
     # Adapters. Device memory for adapters is a pool of max_loras * max_lora_rank rank rows; any mix
     # of adapters whose ranks add up to that can be resident at once (no padding to the max rank).

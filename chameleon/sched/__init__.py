@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from chameleon.sched.fifo import FifoPolicy
 from chameleon.sched.options import SchedulerOptions
 from chameleon.sched.policy import AdmissionPolicy, PolicyBase, SchedulingView
 from chameleon.sched.predictors import OutputLengthPredictor, make_predictor
 
-SCHEDULERS = (
+SchedulerName = Literal[
     "chameleon",
     "fifo",
     "sjf",
@@ -19,7 +19,8 @@ SCHEDULERS = (
     "chameleon-k4",
     "chameleon-paper",
     "chameleon-noslo",
-)
+]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)  # the one list: EngineConfig validates against it
 _LITERAL = {"quota_charge": "upfront", "work_conserving": False, "seat_shares": False, "triage": False, "urgent_fraction": None}
 #: MLQ variants by scheduler name: options they override (docs/scheduling.md).
 MLQ_VARIANTS: dict[str, dict[str, object]] = {
@@ -64,4 +65,4 @@ def _predictor(options: SchedulerOptions) -> OutputLengthPredictor:
     return make_predictor(options.predictor)
 
 
-__all__ = ["SCHEDULERS", "AdmissionPolicy", "FifoPolicy", "PolicyBase", "SchedulerOptions", "SchedulingView", "make_policy"]
+__all__ = ["SCHEDULERS", "AdmissionPolicy", "FifoPolicy", "PolicyBase", "SchedulerName", "SchedulerOptions", "SchedulingView", "make_policy"]
