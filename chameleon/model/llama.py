@@ -27,7 +27,7 @@ from torch import nn
 
 from chameleon.model.attention import AttentionMetadata, paged_attention
 from chameleon.model.kv_quant import KVCache
-from chameleon.model.lm_head import CHUNK_ROWS, PackedLMHead, pack
+from chameleon.model.lm_head import CHUNK_ROWS, PackedLMHead, pack, packed_linear
 from chameleon.model.spec import ModelSpec
 
 
@@ -84,7 +84,7 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
     if packed is None:
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return packed_linear(x, packed, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

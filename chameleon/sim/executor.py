@@ -296,7 +296,7 @@ def batch_shape(step: StepInput, ranks: Mapping[str, int]) -> BatchShape:
     for seq in step.sequences:
         # Keys read from the cache: a cached prefix counts (its tokens are not in token_ids), the
         # tokens a bounded window evicted do not.
-        n, computed = len(seq.token_ids), seq.start_pos if seq.window is None else seq.cached_tokens
+        n, computed = len(seq.token_ids), seq.cached_tokens
         seqs += 1
         tokens += n
         ctx += computed + n
