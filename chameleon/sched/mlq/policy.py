@@ -207,26 +207,26 @@ class MLQPolicy(PolicyBase):
         fraction = self.options.urgent_fraction
         if fraction is not None:
             cut = now - fraction * self.options.slo_ttft_s
-            yield from self._offer_oldest(lambda e: e.key[0] <= cut, stop_early=True)
+            yield from self._offer_oldest(lambda e: not self.triage.last(e), while_=lambda e: e.key[0] <= cut)
 
     def _oldest_first(self, now: float, *, late: bool) -> Generator[Request, None, None]:
         """Work conservation (ours, phase 3): whatever the quotas left unadmitted may still run,
         oldest first across all queues, while the mechanism has seats, tokens and memory; nothing is
         charged beyond what the next recount sees it hold. Under triage the requests that can still
         meet the TTFT SLO go first (`late=False`), then, in a last pass, those that missed it."""
-        yield from self._offer_oldest(lambda e: self.triage.last(e) == late, stop_early=False)
+        yield from self._offer_oldest(lambda e: self.triage.last(e) == late)
 
-    def _offer_oldest(self, keep: Callable[[_Entry], bool], *, stop_early: bool) -> Generator[Request, None, None]:
+    def _offer_oldest(
+        self, keep: Callable[[_Entry], bool], *, while_: Callable[[_Entry], bool] | None = None
+    ) -> Generator[Request, None, None]:
         """Offer up to PHASE3_SCAN waiting requests that `keep` admits, oldest first across queues,
-        no quota taken. `stop_early`: `keep` holds for a prefix of every queue's FIFO order, and
-        requests triage puts last are left out."""
+        no quota taken. `while_`: each queue is read in FIFO order only while it holds."""
 
         def pick(queue: list[_Entry]) -> Iterator[_Entry]:
             for entry in queue:
-                if not keep(entry):
-                    if stop_early:
-                        return
-                elif not (stop_early and self.triage.last(entry)):
+                if while_ is not None and not while_(entry):
+                    return
+                if keep(entry):
                     yield entry
 
         chosen = list(itertools.islice(heapq.merge(*map(pick, self._queues), key=lambda e: e.key), PHASE3_SCAN))
