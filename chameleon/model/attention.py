@@ -31,6 +31,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from chameleon.model import cpu_kernels
 from chameleon.model.kv_quant import KVCache, read_kv, write_kv
 
 
@@ -47,6 +48,9 @@ class SeqGroup:
     causal: bool  # plain causal attention (one fresh sequence, no padding): mask is None
     out_rows: torch.Tensor | slice  # rows of the flat batch this group produces
     out_index: torch.Tensor | None  # [N] positions of those rows in the padded [B*Q] layout; None: all
+    # Decodes only, for the CPU kernel that reads K/V in place (model/cpu_kernels.py): per sequence
+    # its query row, block table and context length (int64, on the CPU). None: not a decode group.
+    paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None  # (rows, tables, ctx, block)
 
 
 @attrs.frozen
@@ -94,8 +98,12 @@ def _decode_group(
         kv_slots = torch.where(valid, kv_slots, 0)  # padding reads slot 0 (masked out)
         mask = _additive(valid[:, None, None, :], dtype, device)
     rows: torch.Tensor | slice = _contiguous_rows(rows_list) or torch.tensor(rows_list, dtype=torch.long, device=device)
+    paged = None
+    if device.type == "cpu":
+        nblk = -(-k_max // block_size)
+        paged = (torch.tensor(rows_list, dtype=torch.long), tables[sel][:, :nblk].contiguous(), c, block_size)
     return SeqGroup(b=b, q=1, k=k_max, rows=rows, kv_slots=kv_slots.view(-1).to(device), mask=mask,
-                    causal=False, out_rows=rows, out_index=None)
+                    causal=False, out_rows=rows, out_index=None, paged=paged)
 
 
 Window = tuple[int, int, int, int]  # (sink tokens, recent tokens, evicted tokens, block size): executor.base.WindowView
@@ -295,6 +303,17 @@ def paged_attention(
     return out
 
 
+def _kernel_reads(k_cache: KVCache, v_cache: KVCache, q: torch.Tensor) -> bool:
+    """Whether the CPU kernel can read these caches in place: plain (unquantized) tensors of q's dtype."""
+    return (
+        isinstance(k_cache, torch.Tensor)
+        and isinstance(v_cache, torch.Tensor)
+        and k_cache.dtype == q.dtype
+        and q.device.type == "cpu"
+        and cpu_kernels.available(q.dtype)
+    )
+
+
 def _group(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -307,6 +326,10 @@ def _group(
     kvh: int,
     d: int,
 ) -> torch.Tensor:  # [B, Q, H, D]
+    if g.paged is not None and _kernel_reads(k_cache, v_cache, q):
+        rows, tables, ctx, block = g.paged
+        out = cpu_kernels.paged_decode(q, rows, k_cache, v_cache, tables, ctx, block, scale)  # type: ignore[arg-type]
+        return out.view(g.b, 1, h, d)
     qg = _rows(q, g.rows).view(g.b, g.q, h, d).transpose(1, 2)
     if g.kv_slots is None:
         kg, vg = _rows(k, g.rows), _rows(v, g.rows)
