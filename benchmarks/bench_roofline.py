@@ -85,16 +85,60 @@ CLOCK = time.perf_counter  # --clock cpu: time.process_time (with one thread: im
 # --- peak and floor -------------------------------------------------------------------------------
 
 
-def matmul_peak(dtype: torch.dtype, n: int, tries: int) -> float:
-    """Best FLOP/s of an n x n x n `torch.matmul` over `tries` runs (after one warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)
+def _best(fn: Any, tries: int) -> float:
+    fn()
     best = float("inf")
     for _ in range(tries):
         t0 = CLOCK()
-        torch.matmul(a, b)
+        fn()
         best = min(best, CLOCK() - t0)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, n: int, tries: int) -> float:
+    """Best FLOP/s of an n x n x n matmul over `tries` runs (after one warm-up): `torch.matmul` (MKL)
+    or oneDNN's packed GEMM, the engine's own, whichever is faster on this machine."""
+    from chameleon.model.llama import onednn_packing_supported
+    from chameleon.model.lm_head import pack, packed_linear
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    best = _best(lambda: torch.matmul(a, b), tries)
+    if onednn_packing_supported(dtype, torch.device("cpu")):
+        packed = pack(b)
+        best = min(best, _best(lambda: packed_linear(a, packed), tries))
     return 2 * n**3 / best
+
+
+def gemm_rate(d: Dims, dtype: torch.dtype, rows: int, tries: int) -> float:
+    """FLOP/s of the engine's packed GEMMs alone at this row count: one pass over every layer's
+    qkv, o, gate_up and down and the LM head (random weights of the model's shapes, packed as
+    `pack_weights` packs them, so they stream from memory as in a real step). The ceiling a step
+    could reach if nothing else took time."""
+    from chameleon.model.llama import onednn_packing_supported, padded_rows
+    from chameleon.model.lm_head import CHUNK_ROWS, pack, packed_linear
+
+    h, kv, i = d.hidden, d.kv_dim, d.inter
+    shapes = [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)] * d.layers
+    shapes += [(min(CHUNK_ROWS, d.vocab - c), h) for c in range(0, d.vocab, CHUNK_ROWS)]
+    m = padded_rows(rows)
+    if onednn_packing_supported(dtype, torch.device("cpu")):
+        weights = [pack(torch.randn(o, k).to(dtype)) for o, k in shapes]
+        xs = {k: torch.randn(m, k).to(dtype) for _, k in shapes}
+
+        def step() -> None:
+            for (_, k), w in zip(shapes, weights, strict=True):
+                packed_linear(xs[k], w)
+    else:
+        dense = [torch.randn(o, k).to(dtype) for o, k in shapes]
+        xd = {k: torch.randn(m, k).to(dtype) for _, k in shapes}
+
+        def step() -> None:
+            for (_, k), w in zip(shapes, dense, strict=True):
+                torch.nn.functional.linear(xd[k], w)
+
+    with torch.inference_mode():
+        t = _best(step, tries)
+    return 2 * rows * sum(o * k for o, k in shapes) / t
 
 
 def lora_flops_per_token(d: Dims, rank: int) -> int:
@@ -397,10 +441,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     with torch.inference_mode():  # the best of both measurements: the peak the machine gave at all
         peaks = {d: max(p, matmul_peak(getattr(torch, d), args.n, args.tries)) for d, p in peaks.items()}
+    prompt_rows = min(sum(len(r["prompt"]) for r in work["base"]), 2048)  # the engine's max_num_batched_tokens
+    shapes = {"prefill": prompt_rows, "decode": args.requests}
+    ceilings = {d: {ph: (rows, gemm_rate(dims, getattr(torch, d), rows, args.tries)) for ph, rows in shapes.items()}
+                for d in dtypes}
     name = "tiny Llama (bench_peers)" if args.model == "tiny" else "SmolLM2-135M"
     print(f"{name}, {args.requests} requests x {args.max_tokens} new tokens, greedy, median of {args.repeats}"
           f", {args.clock} clock")
     report(peaks, floors, ours, vllm, args)
+    report_ceilings(peaks, floors, ceilings)
+
+
+def report_ceilings(
+    peaks: dict[str, float], floors: dict[str, dict[str, float]], ceilings: dict[str, dict[str, tuple[int, float]]]
+) -> None:
+    """What the GEMMs alone allow: their rate at each phase's row count, and the share of the floor a
+    run would reach if everything but them took no time (the phases' floors at those rates)."""
+    for dtype, per in ceilings.items():
+        f = floors["mixed"]
+        bound = f["total"] / sum(f[ph] * peaks[dtype] / rate for ph, (_, rate) in per.items())
+        print(f"GEMM ceiling ({dtype}, the engine's packed matmuls alone, one pass over the model): "
+              + ", ".join(f"{ph} at {rows} rows {rate / 1e9:.1f} GFLOP/s = {rate / peaks[dtype]:.1%} of peak"
+                          for ph, (rows, rate) in per.items())
+              + f"; a mixed run with nothing else would be at {bound:.1%} of peak")
 
 
 if __name__ == "__main__":
