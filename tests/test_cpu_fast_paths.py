@@ -140,19 +140,41 @@ def test_grouped_lora_shrink_matches_per_module() -> None:
         return LoRAAdapter(name=name, path="", rank=rank, max_rank=rank, target_modules=tuple(sorted(modules)),
                            weights=weights, nbytes=0, content_hash=name, dtype=torch.float32)
 
-    pool.load(adapter("x", 4, ("q_proj", "v_proj")), 0)
-    pool.load(adapter("y", 8, ("q_proj", "k_proj", "v_proj", "gate_proj")), 4)
+    ads = {"x": adapter("x", 4, ("q_proj", "v_proj")), "y": adapter("y", 8, ("q_proj", "k_proj", "v_proj", "gate_proj"))}
+    pool.load(ads["x"], 0)
+    pool.load(ads["y"], 4)
+    rows_of = [None] * 3 + ["x"] * 2 + ["y"] * 4 + ["x"]  # adapters [None, x, y, x], query lengths [3, 2, 4, 1]
     batch = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
     assert batch is not None
     x = torch.randn(10, 16)
-    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-        ys = [torch.randn(10, shapes[m][1]) for m in group]
-        expect = [y.clone() for y in ys]
-        for m, y in zip(group, expect, strict=True):
-            batch.apply(0, m, x, y)
-        batch.apply_group(0, group, x, ys)
-        for y, e in zip(ys, expect, strict=True):
-            torch.testing.assert_close(y, e)
+
+    def oracle(module: str, y: torch.Tensor) -> torch.Tensor:
+        """y plus each row's own adapter's delta, from the adapter's weights (not the pool)."""
+        out = y.clone()
+        for t, name in enumerate(rows_of):
+            w = ads[name].weights.get((0, module)) if name else None
+            if w is not None:
+                out[t] += (x[t] @ w.a.T) @ w.b_t
+        return out
+
+    def check_groups(batch: object, dense: bool) -> None:
+        assert (("q_proj", "k_proj", "v_proj") in batch._dense) == dense  # type: ignore[attr-defined]
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            ys = [torch.randn(10, shapes[m][1]) for m in group]
+            expect = [oracle(m, y) for m, y in zip(group, ys, strict=True)]
+            singles = [y.clone() for y in ys]
+            for m, y in zip(group, singles, strict=True):
+                batch.apply(0, m, x, y)  # type: ignore[attr-defined]
+            batch.apply_group(0, group, x, ys)  # type: ignore[attr-defined]
+            for y, one, e in zip(ys, singles, expect, strict=True):
+                torch.testing.assert_close(y, e)
+                torch.testing.assert_close(one, e)
+
+    # Three segments (x, y, x) in 10 rows: q/k/v take the masked dense path (x's k_proj rows are
+    # zero: x does not target it); gate/up, one segment (y), the per-segment one.
+    check_groups(batch, dense=True)
+    batch._dense = {}  # the per-segment path, on the same batch
+    check_groups(batch, dense=False)
 
     # The hook is reused while the layout holds (decode steps), rebuilt when it changes.
     assert pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch") is batch
@@ -160,9 +182,13 @@ def test_grouped_lora_shrink_matches_per_module() -> None:
     assert pool.batch([None, "x", "y", "x"], [1, 1, 1, 1], "torch") is not batch  # other query lengths
     again = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
     assert again is not batch and again is not None
-    pool.load(adapter("x", 4, ("q_proj", "v_proj")), 12)  # x moves: its rows change
+    ads["x"] = adapter("x", 4, ("q_proj", "v_proj"))  # x moves (new weights): its rows change
+    pool.load(ads["x"], 20)
     moved = pool.batch([None, "x", "y", "x"], [3, 2, 4, 1], "torch")
     assert moved is not again
+    pool._a[0]["q_proj"][12:20] = 7.0  # rows inside the span that no adapter of the batch owns
+    check_groups(moved, dense=True)  # the span is rows 4-24 (y 4-12, x 20-24): 12-20 masked out
+    assert pool.batch(["y"] * 2 + ["x"] * 300, [1] * 302, "torch")._dense == {}  # type: ignore[union-attr]
     pool.evict("y")
     assert pool.batch([None, "x", None, "x"], [3, 2, 4, 1], "torch") is not moved
     assert pool.batch([None, None], [3, 2], "torch") is None
