@@ -388,3 +388,22 @@ def test_stop_validation(smol: PreTrainedTokenizerBase) -> None:
         IncrementalDetokenizer(smol, [], stop=[""])
     det = IncrementalDetokenizer(smol, [], stop="##")  # a bare str is one stop, not characters
     assert det.add_tokens(_ids(smol, "a#b##")) == DetokenizerUpdate("a#b", "##")
+
+
+def test_fast_tokenizers_decode_through_their_backend_unless_decode_is_overridden(
+    smol: PreTrainedTokenizerBase, llama: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chameleon.engine import detokenizer
+
+    for tok in (smol, llama):  # the property tests above compare this path with tok.decode
+        assert detokenizer._backend_decoder(tok) is tok._tokenizer  # type: ignore[attr-defined]
+
+    class Custom(type(llama)):  # type: ignore[misc]
+        def _decode(self, *args: object, **kwargs: object) -> str:
+            return "custom"
+
+    custom = Custom(tokenizer_object=llama._tokenizer)  # type: ignore[attr-defined]
+    assert detokenizer._backend_decoder(custom) is None
+    assert IncrementalDetokenizer(custom, []).add_tokens(_ids(llama, "hi")).delta == ""  # "custom" - "custom"
+    monkeypatch.setattr(llama, "decode", lambda *a, **k: "spy")
+    assert detokenizer._backend_decoder(llama) is None
