@@ -3,7 +3,9 @@
     python benchmarks/bench_roofline.py [--quick] [--repeats 2] [--peer-python /tmp/vllm-venv/bin/python]
     python benchmarks/bench_roofline.py --profile [--dtypes float32]   # where the time goes (mixed)
 
-Peak: the best of several large `torch.matmul`s per dtype (fp32, bf16), FLOP/s = 2·n³ / time.
+Peak: the best of several large matmuls per dtype (fp32, bf16), `torch.matmul` or oneDNN's packed GEMM
+(the engine's own), FLOP/s = 2·n³ / time. The GEMM ceiling: the engine's packed matmuls alone at each
+phase's row count (`gemm_rate`), and the share of the floor a run with nothing else would reach.
 Floor: the workload's FLOPs / that peak; FLOPs = 2·params·tokens for the layers (every prompt and
 decode token), plus 2·hidden·vocab for the LM head on each sampled row (one per request in
 prefill, one per decode token), plus attention (QKᵀ and PV: 4·hidden per (query, key) pair, causal),
