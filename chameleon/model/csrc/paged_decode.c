@@ -43,9 +43,9 @@ static inline const float *as_f32(const void *base, int bf16, int64_t offset, in
 }
 
 /* One sequence, every head: its H query rows against its n keys, each key's row of KVH * D values
- * read once, whole (contiguous: the hardware prefetcher streams a block's slots). D is a
- * compile-time constant in the common instantiations below, so the inner loops are whole vectors. */
-static inline void decode_seq(const void *q, int64_t q_offset, const void *k_cache, const void *v_cache,
+ * read once, whole (contiguous: the hardware prefetcher streams a block's slots). Always inlined,
+ * so the common head sizes in the dispatch below make D a compile-time constant: whole vectors. */
+static inline __attribute__((always_inline)) void decode_seq(const void *q, int64_t q_offset, const void *k_cache, const void *v_cache,
                               const int64_t *table, int64_t n, int64_t block_size, int64_t heads, int64_t kv_heads,
                               const int64_t d, float scale, void *out, int64_t out_offset, int bf16,
                               float *restrict buf, int64_t max_ctx) {
@@ -107,18 +107,6 @@ static inline void decode_seq(const void *q, int64_t q_offset, const void *k_cac
     }
 }
 
-#define DECODE_SEQ_FOR(D)                                                                                       \
-    static void decode_seq_##D(const void *q, int64_t qo, const void *kc, const void *vc, const int64_t *tb,      \
-                               int64_t n, int64_t bs, int64_t h, int64_t kvh, float sc, void *o, int64_t oo,      \
-                               int bf, float *buf, int64_t mc) {                                                  \
-        decode_seq(q, qo, kc, vc, tb, n, bs, h, kvh, D, sc, o, oo, bf, buf, mc);                                  \
-    }
-DECODE_SEQ_FOR(32)
-DECODE_SEQ_FOR(64)
-DECODE_SEQ_FOR(80)
-DECODE_SEQ_FOR(96)
-DECODE_SEQ_FOR(128)
-
 /* Returns 0, or -1 if a thread could not allocate its scratch (the caller raises). */
 int chameleon_paged_decode(
     const void *q, int64_t q_row_stride, const int64_t *q_rows, /* q[q_rows[b] * stride + h * D + d] */
@@ -136,28 +124,30 @@ int chameleon_paged_decode(
     {
         /* scratch, fp32: H query rows, H output rows, one widened K/V row, H sums, H score rows */
         float *buf = (float *)malloc((size_t)(num_heads * (2 * d + 1 + max_ctx) + num_kv_heads * d) * sizeof(float));
-        if (buf == NULL) {
-            failed = 1;
-        } else {
+        /* Every thread reaches the worksharing loop (OpenMP requires it); one without scratch only
+         * records the failure for its share, and the caller discards the output. */
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t b = 0; b < num_seqs; ++b) {
-                const int64_t qo = q_rows[b] * q_row_stride, oo = b * num_heads * d, n = context_lens[b];
-                const int64_t *table = block_tables + b * table_stride;
-                switch (d) { /* the head sizes of common models; any other D takes the generic loop */
-#define CASE(D)                                                                                              \
-    case D:                                                                                                  \
-        decode_seq_##D(q, qo, k_cache, v_cache, table, n, block_size, num_heads, num_kv_heads, scale, out, oo, \
-                       bf16, buf, max_ctx);                                                                  \
-        break;
-                    CASE(32) CASE(64) CASE(80) CASE(96) CASE(128)
-#undef CASE
-                default:
-                    decode_seq(q, qo, k_cache, v_cache, table, n, block_size, num_heads, num_kv_heads, d, scale, out,
-                               oo, bf16, buf, max_ctx);
-                }
+        for (int64_t b = 0; b < num_seqs; ++b) {
+            if (buf == NULL) {
+                failed = 1;
+                continue;
             }
-            free(buf);
+            const int64_t qo = q_rows[b] * q_row_stride, oo = b * num_heads * d, n = context_lens[b];
+            const int64_t *table = block_tables + b * table_stride;
+            switch (d) { /* the head sizes of common models; any other D takes the generic loop */
+#define CASE(D)                                                                                                \
+    case D:                                                                                                    \
+        decode_seq(q, qo, k_cache, v_cache, table, n, block_size, num_heads, num_kv_heads, D, scale, out, oo, bf16, \
+                   buf, max_ctx);                                                                              \
+        break;
+                CASE(32) CASE(64) CASE(80) CASE(96) CASE(128)
+#undef CASE
+            default:
+                decode_seq(q, qo, k_cache, v_cache, table, n, block_size, num_heads, num_kv_heads, d, scale, out, oo,
+                           bf16, buf, max_ctx);
+            }
         }
+        free(buf);
     }
     return failed ? -1 : 0;
 }
