@@ -21,6 +21,9 @@ from chameleon.lora.ops import Backend, LoRASegments, lora_apply
 from chameleon.lora.peft_adapter import BaseModelSpec, LoRAAdapter
 from chameleon.model.geometry import TARGET_MODULES
 
+# (start, length, first pool row, rows, which of a group's modules the adapter targets)
+GroupRun = tuple[int, int, int, int, tuple[bool, ...]]
+
 # Modules fed the same activations, in the order the model passes their outputs.
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -107,34 +110,35 @@ class LoRAPool:
                 else:
                     runs.append((pos, n, name))
             pos += n
-        segs = {m: self._segments(runs, m, pos) for m in TARGET_MODULES}
-        # Per group: (start, length, first row, rows, the group's modules this adapter targets).
-        grouped: dict[tuple[str, ...], list[tuple[int, int, int, int, tuple[bool, ...]]]] = {}
-        for group in SHARED_INPUT_GROUPS:
-            g_runs = []
-            for start, n, name in runs:
-                row, adapter = self.resident[name]
-                hit = tuple(m in adapter.target_modules for m in group)
-                if any(hit):
-                    g_runs.append((start, n, row, adapter.max_rank, hit))
-            grouped[group] = g_runs
+        # Per module, and per group of modules sharing an input: the runs whose adapter targets it.
+        single = {m: self._group_runs(runs, (m,)) for m in TARGET_MODULES}
+        segs = {m: self._segments(r, pos) for m, r in single.items()}
+        grouped = {g: self._group_runs(runs, g) for g in SHARED_INPUT_GROUPS}
         dense: dict[tuple[str, ...], DensePlan] = {}
         if backend == "torch":
-            for m in TARGET_MODULES:  # single modules (o_proj, down_proj, or an ungrouped one)
-                m_runs = [(st, n, *self.resident[a][:1], self.resident[a][1].max_rank, (True,))
-                          for st, n, a in runs if m in self.resident[a][1].target_modules]
-                if plan := self._dense(m_runs, pos):
-                    dense[(m,)] = plan
-            dense.update({g: plan for g, r in grouped.items() if (plan := self._dense(r, pos))})
+            by_key = {(m,): r for m, r in single.items()} | grouped
+            dense = {key: plan for key, r in by_key.items() if (plan := self._dense(r, pos))}
         return LoRABatch(self._a, self._b, {m: s for m, s in segs.items() if s is not None}, backend,
                          a_groups=self._a_groups, grouped=grouped, dense=dense)
 
-    def _dense(self, runs: Sequence[tuple[int, int, int, int, tuple[bool, ...]]], num_tokens: int) -> DensePlan | None:
+    def _group_runs(self, runs: list[tuple[int, int, str]], group: tuple[str, ...]) -> list[GroupRun]:
+        """(start, length, first pool row, rows, which of `group`'s modules it targets) for every run
+        whose adapter targets at least one of them."""
+        out = []
+        for start, n, name in runs:
+            row, adapter = self.resident[name]
+            hit = tuple(m in adapter.target_modules for m in group)
+            if any(hit):
+                out.append((start, n, row, adapter.max_rank, hit))
+        return out
+
+    def _dense(self, runs: Sequence[GroupRun], num_tokens: int) -> DensePlan | None:
         """For a small batch of several segments (decode steps), one shrink and one expand per module
         over the pool rows the batch's adapters span, with a 0/1 mask keeping each token row to its
         own adapter's rows: 2 matmuls per module instead of 2 per segment (tiny matmuls cost their
         call, not their FLOPs). None where per-segment matmuls are the better deal."""
-        if len(runs) < 2 or num_tokens > DENSE_MAX_TOKENS.get(self.dtype, DENSE_MAX_TOKENS_HALF):
+        limit = DENSE_MAX_TOKENS_FP32 if self.dtype == torch.float32 else DENSE_MAX_TOKENS_HALF
+        if len(runs) < 2 or num_tokens > limit:
             return None
         lo, hi = min(r[2] for r in runs), max(r[2] + r[3] for r in runs)
         if hi - lo > DENSE_MAX_ROWS:
@@ -145,15 +149,10 @@ class LoRAPool:
         hit = tuple(any(r[4][i] for r in runs) for i in range(len(runs[0][4])))
         return DensePlan(lo, hi, mask.to(self.device), hit)
 
-    def _segments(self, runs: list[tuple[int, int, str]], module: str, num_tokens: int) -> LoRASegments | None:
-        picked = [
-            (start, n, *self.resident[name][:1], self.resident[name][1].max_rank)
-            for start, n, name in runs
-            if module in self.resident[name][1].target_modules
-        ]
-        if not picked:
+    def _segments(self, runs: list[GroupRun], num_tokens: int) -> LoRASegments | None:
+        if not runs:
             return None
-        starts, lens, rows, ranks = (list(col) for col in zip(*picked, strict=True))
+        starts, lens, rows, ranks = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs], [r[3] for r in runs]
         return LoRASegments.build(starts, lens, rows, ranks, num_tokens, self.device)
 
 
@@ -161,15 +160,15 @@ class LoRAPool:
 # cores at SmolLM2's q/k/v shapes, 4 adapters (r8/r16) in 4 segments, per layer: fp32 dense wins
 # up to ~96 rows (129 vs 200 us at 32 rows, 280 vs 206 at 128); bf16, whose small matmuls cost
 # more per call, up to 256 and beyond (303 vs 789 us at 64 rows, 597 vs 946 at 256).
-DENSE_MAX_TOKENS = {torch.float32: 96}
+DENSE_MAX_TOKENS_FP32 = 96
 DENSE_MAX_TOKENS_HALF = 256
 DENSE_MAX_ROWS = 512  # pool rows spanned by the batch's adapters, at most
 
 
 @attrs.frozen
 class DensePlan:
-    """Pool rows [lo, hi) and the [tokens, hi - lo] 0/1 mask of a group's dense LoRA delta; `hit[i]`:
-    some adapter of the batch targets the group's module i."""
+    """Pool rows [lo, hi) and the [tokens, hi - lo] 0/1 mask of a module's (or a group's) dense LoRA
+    delta; `hit[i]`: some adapter of the batch targets the group's module i."""
 
     lo: int
     hi: int
@@ -188,7 +187,7 @@ class LoRABatch:
         backend: Backend,
         *,
         a_groups: Sequence[Mapping[tuple[str, ...], torch.Tensor]] = (),
-        grouped: Mapping[tuple[str, ...], Sequence[tuple[int, int, int, int, tuple[bool, ...]]]] | None = None,
+        grouped: Mapping[tuple[str, ...], Sequence[GroupRun]] | None = None,
         dense: Mapping[tuple[str, ...], DensePlan] | None = None,
     ) -> None:
         self._a, self._b, self._segments, self._backend = a, b, segments, backend
