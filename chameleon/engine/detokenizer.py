@@ -146,13 +146,14 @@ class _TokenWindow:
     _prefix: int
     _read: int
     _check_at: int  # len(_ids) at which a stalled window looks for a settled boundary
+    _backend: Any = None  # the Rust tokenizer to decode with directly (see _backend_decoder), or None
 
     @classmethod
     def create(
         cls, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], skip_special: bool
     ) -> _TokenWindow:
         skipped = _skipped_ids(tokenizer) if skip_special else frozenset()
-        window = cls(tokenizer, skip_special, skipped, [], 0, 0, _MAX_PENDING)
+        window = cls(tokenizer, skip_special, skipped, [], 0, 0, _MAX_PENDING, _backend_decoder(tokenizer))
         window._ids = window._context(prompt_ids)
         window._read = len(window._ids)
         window._check_at = window._read + _MAX_PENDING
@@ -235,9 +236,8 @@ class _TokenWindow:
 
     def _decode_ids(self, ids: list[int]) -> str:
         # No clean-up: it rewrites spaces across token boundaries, so window decodes would not add up.
-        backend = _backend_decoder(self._tokenizer)
-        if backend is not None:
-            return str(backend.decode(ids, skip_special_tokens=self._skip_special))
+        if self._backend is not None:
+            return str(self._backend.decode(ids, skip_special_tokens=self._skip_special))
         return str(self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         ))
