@@ -122,21 +122,14 @@ def gemm_rate(d: Dims, dtype: torch.dtype, rows: int, tries: int) -> float:
     h, kv, i = d.hidden, d.kv_dim, d.inter
     shapes = [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)] * d.layers
     shapes += [(min(CHUNK_ROWS, d.vocab - c), h) for c in range(0, d.vocab, CHUNK_ROWS)]
-    m = padded_rows(rows)
-    if onednn_packing_supported(dtype, torch.device("cpu")):
-        weights = [pack(torch.randn(o, k).to(dtype)) for o, k in shapes]
-        xs = {k: torch.randn(m, k).to(dtype) for _, k in shapes}
+    packed = onednn_packing_supported(dtype, torch.device("cpu"))
+    mm = packed_linear if packed else torch.nn.functional.linear
+    weights = [pack(w) if packed else w for w in (torch.randn(o, k).to(dtype) for o, k in shapes)]
+    xs = {k: torch.randn(padded_rows(rows), k).to(dtype) for _, k in shapes}
 
-        def step() -> None:
-            for (_, k), w in zip(shapes, weights, strict=True):
-                packed_linear(xs[k], w)
-    else:
-        dense = [torch.randn(o, k).to(dtype) for o, k in shapes]
-        xd = {k: torch.randn(m, k).to(dtype) for _, k in shapes}
-
-        def step() -> None:
-            for (_, k), w in zip(shapes, dense, strict=True):
-                torch.nn.functional.linear(xd[k], w)
+    def step() -> None:
+        for (_, k), w in zip(shapes, weights, strict=True):
+            mm(xs[k], w)
 
     with torch.inference_mode():
         t = _best(step, tries)

@@ -88,10 +88,10 @@ def _decode_group(
     b = len(idx)
     rows_list = [starts[i] for i in idx]
     sel = torch.tensor(idx, dtype=torch.long)
-    c = ctx[sel]
+    c, seq_tables = ctx[sel], tables[sel]
     k_max = int(c.max())
     j = torch.arange(k_max)
-    kv_slots = tables[sel][:, j // block_size] * block_size + j % block_size  # [B, K]
+    kv_slots = seq_tables[:, j // block_size] * block_size + j % block_size  # [B, K]
     mask = None
     if int(c.min()) != k_max:
         valid = j[None, :] < c[:, None]
@@ -101,7 +101,7 @@ def _decode_group(
     paged = None
     if device.type == "cpu":
         nblk = -(-k_max // block_size)
-        paged = (torch.tensor(rows_list, dtype=torch.long), tables[sel][:, :nblk].contiguous(), c, block_size)
+        paged = (torch.tensor(rows_list, dtype=torch.long), seq_tables[:, :nblk].contiguous(), c, block_size)
     return SeqGroup(b=b, q=1, k=k_max, rows=rows, kv_slots=kv_slots.view(-1).to(device), mask=mask,
                     causal=False, out_rows=rows, out_index=None, paged=paged)
 

@@ -36,8 +36,14 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 LIBS = ("-lmvec", "-lm")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES: list[type[ctypes._SimpleCData[Any]]] = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
-             _PTR, ctypes.c_int, ctypes.c_int]
+# chameleon_paged_decode's parameters, in order (csrc/paged_decode.c)
+_ARGTYPES: list[type[ctypes._SimpleCData[Any]]] = [
+    _PTR, _I64, _PTR,  # q, q_row_stride, q_rows
+    _PTR, _PTR,  # k_cache, v_cache
+    _PTR, _I64, _PTR, _I64,  # block_tables, table_stride, context_lens, block_size
+    _I64, _I64, _I64, _I64, ctypes.c_float,  # num_seqs, num_heads, num_kv_heads, head_dim, scale
+    _PTR, ctypes.c_int, ctypes.c_int,  # out, bf16, num_threads
+]
 
 
 def _cpu_key() -> str:
